@@ -1,0 +1,163 @@
+"""``stored``: keep θ_t (and v_t for momentum), recompute one step at a time in reverse.
+
+Reverse mode for plain GD (ALGORITHMS.md §4), with ``g_t = ∇_θ ℓ(x̃_t, ỹ_t; θ_t)``::
+
+    ∂L/∂η_t  = −λ_{t+1} · g_t
+    ∂L/∂x̃_t += −η_t ∇_x̃ (λ_{t+1} · g_t)
+    ∂L/∂ỹ_t += −η_t ∇_ỹ (λ_{t+1} · g_t)
+    λ_t      = λ_{t+1} − η_t H_t λ_{t+1}
+
+Memory: T·P numbers for the stored states plus one step's double-backward graph, never the
+graphs of all steps.
+"""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import torch
+from torch import Tensor
+
+from .common import InnerProblem, MetaGradient, check_finite
+
+__all__ = ["stored_strategy", "reverse_gd_step", "reverse_sgdm_step", "forward_states"]
+
+
+def _grad(prob: InnerProblem, theta: Tensor, t: int) -> Tensor:
+    th = theta.detach().requires_grad_(True)
+    with torch.enable_grad():
+        g, = torch.autograd.grad(prob.loss_at(th, t), th)
+    return g
+
+
+def forward_states(prob: InnerProblem, theta0: Tensor, keep: Callable[[int], bool] = lambda t: True):
+    """Run the inner loop without a graph; return (θ_T, v_T, {t: (θ_t, v_t)} for kept t)."""
+    th = theta0.detach().clone()
+    v = torch.zeros_like(th) if prob.momentum else None
+    kept = {}
+    for t in range(prob.T):
+        if keep(t):
+            kept[t] = (th, v if v is not None else None)
+        g = _grad(prob, th, t)
+        if prob.momentum:
+            b = prob.betas[t].detach()
+            v = b * v - (1 - b) * g
+            th = th + prob.lrs[t].detach() * v
+        else:
+            th = th - prob.lrs[t].detach() * g
+    return th, v, kept
+
+
+def reverse_gd_step(prob: InnerProblem, theta_t: Tensor, t: int, lam: Tensor, acc: dict,
+                    need_hvp: bool = True) -> Tensor:
+    """One reverse step of plain GD: accumulate ∂L/∂η_t, ∂L/∂x̃, ∂L/∂ỹ into ``acc``; return λ_t.
+
+    Invariant: on entry ``lam`` holds ∂L/∂θ_{t+1}; on exit the returned tensor holds ∂L/∂θ_t.
+    """
+    s = t % prob.steps
+    eta = prob.lrs[t].detach()
+    th = theta_t.detach().requires_grad_(True)
+    x = prob.data[s].detach().requires_grad_(acc["data"] is not None)
+    y = prob.labels[s].detach().requires_grad_(acc["labels"] is not None)
+    with torch.enable_grad():
+        g, = torch.autograd.grad(prob.loss_at(th, t, x, y), th, create_graph=True)
+        acc["lrs"][t] = -(g.detach() @ lam)
+        inputs = ([th] if need_hvp else []) + [z for z in (x, y) if z.requires_grad]
+        if not inputs:
+            return lam
+        outs = list(torch.autograd.grad(g, inputs, grad_outputs=lam, allow_unused=True))
+    hvp = outs.pop(0) if need_hvp else None
+    if x.requires_grad:
+        gx = outs.pop(0)
+        if gx is not None:
+            acc["data"][s] -= eta * gx
+    if y.requires_grad:
+        gy = outs.pop(0)
+        if gy is not None:
+            acc["labels"][s] -= eta * gy
+    return lam - eta * hvp if need_hvp else lam
+
+
+def reverse_sgdm_step(prob: InnerProblem, theta_prev: Tensor, v_t: Tensor, t: int,
+                      dtheta: Tensor, dv: Tensor, acc: dict, need_hvp: bool = True,
+                      v_prev: Tensor = None):
+    """One reverse step of momentum SGD (Maclaurin et al.'s Algorithm 2 without the exact
+    arithmetic): step t maps (θ_t, v_t) to v_{t+1} = β v_t − (1−β) g(θ_t), θ_{t+1} = θ_t + α v_{t+1}.
+
+    Args:
+        theta_prev: θ_t (the state the gradient of step t is taken at).
+        v_t: v_{t+1}, the velocity *after* step t (``dα_t = dθ · v_{t+1}``).
+        dtheta, dv: ∂L/∂θ_{t+1}, ∂L/∂v_{t+1}.
+        v_prev: v_t if the caller kept it; otherwise it is recovered as (v_{t+1} + (1−β) g) / β,
+            which is only as exact as the arithmetic (the reversible strategy does it exactly).
+    Returns:
+        (∂L/∂θ_t, ∂L/∂v_t, v_t).
+    """
+    s = t % prob.steps
+    a, b = prob.lrs[t].detach(), prob.betas[t].detach()
+    th = theta_prev.detach().requires_grad_(True)
+    x = prob.data[s].detach().requires_grad_(acc["data"] is not None)
+    y = prob.labels[s].detach().requires_grad_(acc["labels"] is not None)
+    acc["lrs"][t] = dtheta @ v_t
+    with torch.enable_grad():
+        g, = torch.autograd.grad(prob.loss_at(th, t, x, y), th, create_graph=True)
+        gd = g.detach()
+        if v_prev is None:
+            v_prev = (v_t + (1 - b) * gd) / b
+        dv = dv + a * dtheta
+        acc["betas"][t] = dv @ (v_prev + gd)
+        inputs = ([th] if need_hvp else []) + [z for z in (x, y) if z.requires_grad]
+        outs = list(torch.autograd.grad(g, inputs, grad_outputs=dv, allow_unused=True)) if inputs else []
+    if need_hvp:
+        dtheta = dtheta - (1 - b) * outs.pop(0)
+    if x.requires_grad:
+        gx = outs.pop(0)
+        if gx is not None:
+            acc["data"][s] -= (1 - b) * gx
+    if y.requires_grad:
+        gy = outs.pop(0)
+        if gy is not None:
+            acc["labels"][s] -= (1 - b) * gy
+    return dtheta, b * dv, v_prev
+
+
+def new_accumulators(prob: InnerProblem, need_data: bool, need_labels: bool) -> dict:
+    return {
+        "data": torch.zeros_like(prob.data) if need_data else None,
+        "labels": torch.zeros_like(prob.labels) if (need_labels and prob.soft) else None,
+        "lrs": torch.zeros_like(prob.lrs),
+        "betas": torch.zeros_like(prob.betas) if prob.momentum else None,
+    }
+
+
+def outer_grad(outer_loss: Callable[[Tensor], Tensor], theta_T: Tensor):
+    th = theta_T.detach().requires_grad_(True)
+    with torch.enable_grad():
+        L = outer_loss(th)
+        check_finite(L.detach(), "the outer loss")
+        lam, = torch.autograd.grad(L, th)
+    return L.detach(), lam
+
+
+def stored_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable[[Tensor], Tensor],
+                    *, need_data: bool = True, need_labels: bool = True,
+                    need_theta0: bool = True) -> MetaGradient:
+    theta_T, v_T, kept = forward_states(prob, theta0)
+    check_finite(theta_T, "θ_T after the inner loop")
+    L, lam = outer_grad(outer_loss, theta_T)
+    acc = new_accumulators(prob, need_data, need_labels)
+    if prob.momentum:
+        dth, dv, v = lam, torch.zeros_like(lam), v_T
+        for t in range(prob.T - 1, -1, -1):
+            # at the top of step t: dth = ∂L/∂θ_{t+1}, dv = ∂L/∂v_{t+1}, v = v_{t+1}
+            dth, dv, v = reverse_sgdm_step(prob, kept[t][0], v, t, dth, dv, acc,
+                                           need_hvp=need_theta0 or t > 0, v_prev=kept[t][1])
+        lam = dth
+    else:
+        for t in range(prob.T - 1, -1, -1):
+            lam = reverse_gd_step(prob, kept[t][0], t, lam, acc, need_hvp=need_theta0 or t > 0)
+    P = theta0.numel()
+    per_state = P * theta0.element_size() * (2 if prob.momentum else 1)
+    return MetaGradient(loss=L, theta_T=theta_T, data=acc["data"], labels=acc["labels"],
+                        lrs=acc["lrs"], betas=acc["betas"], theta0=lam if need_theta0 else None,
+                        stats={"strategy": "stored", "stored_bytes": prob.T * per_state,
+                               "recomputed_steps": prob.T})
