@@ -32,9 +32,13 @@ from .errors import ConfigError, DivergenceError, FastDistillError, ShapeError
 from .models import INIT_SCHEMES, FunctionalModel, build_model
 
 __all__ = ["DistillConfig", "Distiller", "DistillResult", "distill", "inverse_softplus",
-           "hard_labels"]
+           "hard_labels", "initial_labels", "top_labels", "MODES"]
 
 CHECKPOINT_FORMAT = "fastdistill.checkpoint/v1"
+
+#: p(θ_0): ``fixed``/``random`` draw from ``init``; the ``*-pretrained`` modes draw from a model
+#: pool (:mod:`.pretrain`): one pool model, or a fresh pool model per use.
+MODES = ("fixed", "random", "fixed-pretrained", "random-pretrained")
 
 
 def inverse_softplus(y: float) -> float:
@@ -47,6 +51,42 @@ def inverse_softplus(y: float) -> float:
 def hard_labels(num_classes: int, images_per_class: int, steps: int) -> Tensor:
     """ỹ for hard labels: each step holds ``images_per_class`` copies of every class, [S, k·C]."""
     return torch.arange(num_classes).repeat_interleave(images_per_class).repeat(steps, 1)
+
+
+def initial_labels(num_classes: int, images_per_class: int, steps: int,
+                   label_classes: Optional[List[int]] = None) -> Tensor:
+    """The class each distilled image starts as, ``[S, n]`` int64.
+
+    Without ``label_classes``: :func:`hard_labels`. With it, every step holds one image per
+    entry (``n = len(label_classes)``), which allows fewer images than classes (SLDD: 5 images
+    for 10 classes, e.g. ``[0, 2, 4, 6, 8]``).
+
+    Raises:
+        ConfigError: an empty list, or a class index outside ``[0, num_classes)``.
+    """
+    if label_classes is None:
+        return hard_labels(num_classes, images_per_class, steps)
+    cls = list(label_classes)
+    if not cls:
+        raise ConfigError("label_classes is empty; give the initial class of every image in a step")
+    bad = [k for k in cls if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < num_classes]
+    if bad:
+        raise ConfigError(f"unknown class index {bad[0]!r} in label_classes; the dataset has "
+                          f"{num_classes} classes (0..{num_classes - 1})")
+    return torch.tensor(cls, dtype=torch.long).repeat(steps, 1)
+
+
+def top_labels(labels: Tensor, k: int = 3) -> List[List[tuple]]:
+    """Per distilled image (flattened over steps), its ``k`` largest label entries.
+
+    ``labels`` is ``[S, n, C]`` (soft) or ``[S, n]`` (hard, reported as weight 1.0).
+    Returns a list of ``[(class, weight), ...]``, for captions such as "3:2.1 8:0.9 5:0.4".
+    """
+    if not labels.is_floating_point():
+        return [[(int(c), 1.0)] for c in labels.reshape(-1)]
+    flat = labels.detach().reshape(-1, labels.shape[-1])
+    v, i = flat.topk(min(k, flat.shape[1]), dim=1)
+    return [[(int(c), float(w)) for c, w in zip(ci, vi)] for ci, vi in zip(i, v)]
 
 
 @dataclass
@@ -63,7 +103,7 @@ class DistillConfig:
     model: str = "lenet"
     init: str = "xavier"
     init_gain: Optional[float] = None
-    mode: str = "fixed"                 # fixed | random
+    mode: str = "fixed"                 # fixed | random | fixed-pretrained | random-pretrained
     steps: int = 1                      # S
     epochs: int = 3                     # E; T = S·E
     images_per_class: int = 1           # k
@@ -86,10 +126,35 @@ class DistillConfig:
     checkpoint_every: int = 500
     dtype: str = "float32"
     threads: int = 0                    # torch.set_num_threads (0: leave as is)
+    # SLDD (Sucholutsky & Schonlau): learnable labels ỹ [S, n, C], initialised one-hot
+    soft_labels: bool = False
+    label_softmax: bool = False         # the inner loss sees softmax(ỹ) instead of raw ỹ
+    label_classes: Optional[list] = None  # initial class per image of a step (overrides k·C)
+    # outer objective: ce (DD) | poison (CE with attack_class relabelled target_class)
+    objective: str = "ce"
+    attack_class: Optional[int] = None  # K
+    target_class: Optional[int] = None  # T
+    # pre-trained θ_0 (*-pretrained modes): a pool file from `fastdistill pretrain`
+    pool: Optional[str] = None
+    pool_heldout: int = 200             # pool models kept for evaluation, never distilled on
+
+    @property
+    def fixed_init(self) -> bool:
+        """One θ_0 reused throughout (fixed or fixed-pretrained)."""
+        return self.mode in ("fixed", "fixed-pretrained")
 
     def validate(self) -> None:
-        if self.mode not in ("fixed", "random"):
-            raise ConfigError(f"unknown init mode {self.mode!r}; choose fixed or random")
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown init mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.mode.endswith("-pretrained") and not self.pool:
+            raise ConfigError(f"mode {self.mode} needs a model pool file (pool=...; see `fastdistill pretrain`)")
+        if self.label_softmax and not self.soft_labels:
+            raise ConfigError("label_softmax needs soft_labels")
+        if self.objective not in ("ce", "poison"):
+            raise ConfigError(f"unknown objective {self.objective!r}; choose ce or poison")
+        if self.objective == "poison" and (self.attack_class is None or self.target_class is None
+                                           or self.attack_class == self.target_class):
+            raise ConfigError("the poison objective needs distinct attack_class (K) and target_class (T)")
         if self.init not in INIT_SCHEMES:
             raise ConfigError(f"unknown init scheme {self.init!r}; choose one of {', '.join(INIT_SCHEMES)}")
         if self.backgrad not in STRATEGIES:
@@ -173,12 +238,16 @@ class Distiller:
         model: a functional model (default: built from ``config.model``).
         theta0: the fixed θ_0 for ``mode="fixed"`` (default: sampled with the config's seed).
         init_fn: ``generator -> θ_0`` for ``mode="random"`` (default: ``model.init(config.init)``);
-            pre-trained pools plug in here.
+            pre-trained pools plug in here (the ``*-pretrained`` modes load ``config.pool``
+            through :func:`fastdistill.pretrain.pool_initialisers` when neither hook is given).
+        outer_fn: ``(model, x_real, y_real) -> L(θ)`` (default: :func:`make_outer_loss`, or
+            :func:`fastdistill.poison.poison_outer_loss` for ``objective="poison"``).
     """
 
     def __init__(self, config: DistillConfig, train_x: Tensor, train_y: Tensor, num_classes: int,
                  model: Optional[FunctionalModel] = None, theta0: Optional[Tensor] = None,
-                 init_fn: Optional[Callable[[torch.Generator], Tensor]] = None):
+                 init_fn: Optional[Callable[[torch.Generator], Tensor]] = None,
+                 outer_fn: Optional[Callable[..., Callable[[Tensor], Tensor]]] = None):
         config.validate()
         self.cfg = c = config
         self.dtype = getattr(torch, c.dtype)
@@ -196,18 +265,39 @@ class Distiller:
         gen = torch.Generator().manual_seed(c.seed)
         self.init_gen = torch.Generator().manual_seed(c.seed + 1)
         self.batches = _RealBatches(len(train_x), c.real_batch, torch.Generator().manual_seed(c.seed + 2))
+        if c.mode.endswith("-pretrained") and theta0 is None and init_fn is None:
+            from .pretrain import pool_initialisers
+            theta0, init_fn = pool_initialisers(c, self.model, dtype=self.dtype)
+        if outer_fn is None and c.objective == "poison":
+            from .poison import poison_outer_loss
+            for name in ("attack_class", "target_class"):
+                if not 0 <= int(getattr(c, name)) < num_classes:
+                    raise ConfigError(f"{name} {getattr(c, name)} is not a class index (0..{num_classes - 1})")
+            outer_fn = poison_outer_loss(c.attack_class, c.target_class)
+        self.outer_fn = outer_fn or make_outer_loss
         self.init_fn = init_fn or (lambda g: self.model.init(c.init, g, gain=c.init_gain, dtype=self.dtype))
-        if c.mode == "fixed":
+        if c.fixed_init:
             self.theta0 = (theta0 if theta0 is not None else self.init_fn(gen)).to(self.dtype)
             self.model.check_theta(self.theta0)
         else:
             self.theta0 = None
-        n = num_classes * c.images_per_class
+        # the class each image starts as, [S, n]; with soft labels, ỹ is learned from its one-hot
+        self.labels = initial_labels(num_classes, c.images_per_class, c.steps, c.label_classes)
+        n = self.labels.shape[1]
         self.data = torch.randn((c.steps, n) + tuple(self.model.input_shape), generator=gen,
                                 dtype=self.dtype).requires_grad_(True)
-        self.labels = hard_labels(num_classes, c.images_per_class, c.steps)
         self.raw_lrs = torch.full((c.T,), inverse_softplus(c.lr0), dtype=self.dtype, requires_grad=True)
         params = [self.data, self.raw_lrs]
+        self.raw_labels = None
+        if c.soft_labels:
+            if self.model.num_outputs == 1:  # binary one-logit model: ỹ is the BCE target
+                if c.label_softmax:
+                    raise ConfigError("label_softmax needs a model with one output per class")
+                raw = self.labels.to(self.dtype).unsqueeze(-1)
+            else:
+                raw = F.one_hot(self.labels, self.model.num_outputs).to(self.dtype)
+            self.raw_labels = raw.requires_grad_(True)
+            params.append(self.raw_labels)
         self.raw_betas = None
         if c.inner_optimizer == "sgdm":
             b0 = math.log(c.momentum0 / (1 - c.momentum0))  # β = sigmoid(raw)
@@ -230,22 +320,35 @@ class Distiller:
     def betas(self) -> Optional[Tensor]:
         return None if self.raw_betas is None else torch.sigmoid(self.raw_betas.detach())
 
+    def train_labels(self) -> Tensor:
+        """ỹ as the inner loop sees it (detached): hard ``[S, n]``, or soft ``[S, n, C]`` (the
+        raw learnable matrix, or its softmax over classes with ``label_softmax``)."""
+        if self.raw_labels is None:
+            return self.labels
+        raw = self.raw_labels.detach()
+        return torch.softmax(raw, dim=-1) if self.cfg.label_softmax else raw
+
     # -- one meta-iteration --------------------------------------------------------------------
     def step(self) -> Dict[str, float]:
         c = self.cfg
         idx = self.batches.next()
-        outer = make_outer_loss(self.model, self.train_x[idx], self.train_y[idx])
+        outer = self.outer_fn(self.model, self.train_x[idx], self.train_y[idx])
         lrs, betas = self.lrs(), self.betas()
+        labels = self.train_labels()
+        glab = None if self.raw_labels is None else torch.zeros_like(labels)
         gdata = torch.zeros_like(self.data)
         glr = torch.zeros_like(self.raw_lrs)
         gbeta = None if betas is None else torch.zeros_like(betas)
         losses = []
         for _ in range(c.n_nets):
-            th0 = self.theta0 if c.mode == "fixed" else self.init_fn(self.init_gen).to(self.dtype)
-            out = meta_gradient(self.model, th0, self.data.detach(), self.labels, lrs, outer,
-                                betas=betas, strategy=c.backgrad, need_theta0=False)
+            th0 = self.theta0 if c.fixed_init else self.init_fn(self.init_gen).to(self.dtype)
+            out = meta_gradient(self.model, th0, self.data.detach(), labels, lrs, outer,
+                                betas=betas, strategy=c.backgrad, need_theta0=False,
+                                need_labels=glab is not None)
             gdata += out.data
             glr += out.lrs
+            if glab is not None:
+                glab += out.labels
             if gbeta is not None:
                 gbeta += out.betas
             losses.append(float(out.loss))
@@ -256,7 +359,15 @@ class Distiller:
         if gbeta is not None:
             b = betas
             self.raw_betas.grad = gbeta * k * b * (1 - b)
-        for name, p in (("synthetic data", self.data), ("learning rates", self.raw_lrs)):
+        if glab is not None:
+            glab = glab * k
+            if c.label_softmax:  # VJP of p = softmax(r): p ⊙ (g − ⟨g, p⟩)
+                glab = labels * (glab - (glab * labels).sum(-1, keepdim=True))
+            self.raw_labels.grad = glab
+        learned = [("synthetic data", self.data), ("learning rates", self.raw_lrs)]
+        if self.raw_labels is not None:
+            learned.append(("labels", self.raw_labels))
+        for name, p in learned:
             if not torch.isfinite(p.grad).all():
                 raise DivergenceError(f"the meta-gradient of the {name} is not finite at iteration "
                                       f"{self.iteration}")
@@ -278,6 +389,7 @@ class Distiller:
             "format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "iteration": self.iteration,
             "data": self.data.detach().clone(), "raw_lrs": self.raw_lrs.detach().clone(),
             "raw_betas": None if self.raw_betas is None else self.raw_betas.detach().clone(),
+            "raw_labels": None if self.raw_labels is None else self.raw_labels.detach().clone(),
             "theta0": self.theta0, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
             "init_gen": self.init_gen.get_state(), "batches": self.batches.state(),
             "history": list(self.history), "elapsed": self.elapsed,
@@ -289,7 +401,8 @@ class Distiller:
         mine, theirs = self.cfg.to_dict(), dict(s["config"])
         # what may differ on resume: bookkeeping that does not change the optimisation
         free = {"iterations", "eval_every", "checkpoint_every", "eval_models", "threads", "data_root"}
-        diff = sorted(k for k in mine if k not in free and mine[k] != theirs.get(k))
+        defaults = DistillConfig().to_dict()  # keys added after the checkpoint was written
+        diff = sorted(k for k in mine if k not in free and mine[k] != theirs.get(k, defaults[k]))
         if diff:
             raise ConfigError(f"checkpoint was made with different settings: {', '.join(diff)}")
         with torch.no_grad():
@@ -299,6 +412,8 @@ class Distiller:
             self.raw_lrs.copy_(s["raw_lrs"])
             if self.raw_betas is not None:
                 self.raw_betas.copy_(s["raw_betas"])
+            if self.raw_labels is not None:
+                self.raw_labels.copy_(s["raw_labels"])
         if s["theta0"] is not None:
             self.theta0 = s["theta0"]
         self.opt.load_state_dict(s["opt"])
@@ -356,7 +471,7 @@ class Distiller:
             self.save_checkpoint(checkpoint_path)
 
     def result(self, metrics: Optional[Dict[str, Any]] = None) -> DistillResult:
-        return DistillResult(data=self.data.detach().clone(), labels=self.labels.clone(),
+        return DistillResult(data=self.data.detach().clone(), labels=self.train_labels().clone(),
                              lrs=self.lrs(), betas=self.betas(), config=self.cfg,
                              metrics=dict(metrics or {}), history=list(self.history),
                              theta0=self.theta0)
