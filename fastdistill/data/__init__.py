@@ -2,7 +2,7 @@
 
     >>> from fastdistill.data import load_dataset
     >>> ds = load_dataset("mnist")                  # doctest: +SKIP
-    >>> ds.train_x.shape, ds.test_y.shape           # float32 normalised, int64 labels
+    >>> ds.train_x.shape, ds.test_y.shape           # doctest: +SKIP
     (torch.Size([60000, 1, 28, 28]), torch.Size([10000]))
 
 Where the data comes from (no web downloads at run time): see :mod:`fastdistill.data.sources`.

@@ -134,7 +134,7 @@ def safe_load(file: IO[bytes], *, source: str, encoding: str = "latin1",
     Raises:
         DataError: a forbidden global, or a truncated/corrupt stream.
     """
-    allowed = dict(NUMPY_GLOBALS, **BYTES_GLOBALS) if allow_bytes_globals else NUMPY_GLOBALS
+    allowed = {**NUMPY_GLOBALS, **BYTES_GLOBALS} if allow_bytes_globals else NUMPY_GLOBALS
     try:
         obj = RestrictedUnpickler(file, source=source, allowed=allowed, encoding=encoding).load()
     except DataError:

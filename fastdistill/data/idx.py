@@ -10,7 +10,7 @@ Example::
     >>> import numpy as np, tempfile, os
     >>> from fastdistill.data.idx import read_idx, write_idx
     >>> p = os.path.join(tempfile.mkdtemp(), "train-labels-idx1-ubyte.gz")
-    >>> write_idx(p, np.array([3, 1, 4], dtype=np.uint8))
+    >>> _ = write_idx(p, np.array([3, 1, 4], dtype=np.uint8))
     >>> read_idx(p).tolist()
     [3, 1, 4]
 """
