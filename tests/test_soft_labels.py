@@ -10,6 +10,15 @@ from fastdistill.errors import ConfigError, ShapeError
 from fastdistill.evaluate import evaluate_distilled
 from fastdistill.models import ModuleModel
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 C = 4
 
 

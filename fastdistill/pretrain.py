@@ -1,0 +1,257 @@
+"""Pre-trained initialisations: pools of models trained on a source dataset (DD §3.5, §3.6).
+
+A *pool* is N networks of one architecture trained on one dataset, stored as a single tensor file
+(``[N, P]`` flat weights + metadata). Distillation draws θ_0 from it:
+
+* ``fixed-pretrained``: one pool model is θ_0 for distillation and evaluation (the paper's
+  "fixed pre-trained weights");
+* ``random-pretrained``: a fresh pool model per use (``n_nets`` per meta-iteration), evaluated
+  on *held-out* pool models that distillation never sees (paper: 2000 to distil, 200 to test).
+
+The pool is split by position: the last ``heldout`` models are reserved for testing, the others
+are sampled during distillation (:meth:`ModelPool.split`). Adaptation (source → target dataset)
+needs nothing more: distil on the target dataset with a pool trained on the source one.
+
+File format (``torch.save``, loaded with ``weights_only=True``)::
+
+    {"format": "fastdistill.pool/v1", "thetas": float32 [N, P], "meta": {model, num_classes,
+     in_channels, image_size, dataset, n, epochs, lr, momentum, batch, init, seed, test_acc, ...}}
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .backgrad.common import inner_loss
+from .errors import ConfigError, DataError, DivergenceError, ShapeError
+from .evaluate import accuracy, heldout_inits
+from .models import FunctionalModel, build_model
+
+__all__ = ["POOL_FORMAT", "ModelPool", "train_model", "pretrain_pool", "save_pool", "load_pool",
+           "pool_initialisers", "evaluation_inits", "finetune_full"]
+
+POOL_FORMAT = "fastdistill.pool/v1"
+
+
+@dataclass
+class ModelPool:
+    """N trained networks of one architecture.
+
+    Attributes:
+        thetas: ``[N, P]`` flat weights (float32 on disk).
+        meta: how they were made: ``model``, ``num_classes``, ``in_channels``, ``image_size``
+            (enough to rebuild the network), ``dataset``, the training settings, and the test
+            accuracy of every model on its source dataset (``test_acc``).
+    """
+
+    thetas: Tensor
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.thetas.shape[0])
+
+    def build_model(self) -> FunctionalModel:
+        m = self.meta
+        return build_model(m["model"], int(m["num_classes"]), int(m["in_channels"]), int(m["image_size"]))
+
+    def check_model(self, model: FunctionalModel) -> None:
+        """Raise :class:`ShapeError` unless the pool's weights fit ``model``."""
+        if self.thetas.shape[1] != model.num_params:
+            raise ShapeError(f"the pool holds {self.meta.get('model', '?')} weights with "
+                             f"P = {self.thetas.shape[1]}, but {model.name} has P = {model.num_params}")
+
+    def split(self, heldout: int) -> Tuple[List[int], List[int]]:
+        """(indices to distil on, held-out indices): the last ``heldout`` models are held out."""
+        n = len(self)
+        if heldout < 0 or heldout >= n:
+            raise ConfigError(f"cannot hold out {heldout} of {n} pool models: at least one must remain "
+                              "for distillation (lower pool_heldout or train a larger pool)")
+        return list(range(n - heldout)), list(range(n - heldout, n))
+
+
+# -- training -----------------------------------------------------------------------------------
+def train_model(model: FunctionalModel, theta0: Tensor, x: Tensor, y: Tensor, *, epochs: float = 1.0,
+                lr: float = 0.01, momentum: float = 0.9, batch: int = 64,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+    """Minibatch SGD (with momentum) on (x, y) from θ_0; returns the trained flat θ.
+
+    ``epochs`` may be fractional (``round(epochs·N/batch)`` shuffled minibatches).
+    Update: ``v ← μ v + g``, ``θ ← θ − lr·v`` (PyTorch's SGD convention).
+
+    Raises:
+        ShapeError: empty or mismatched training set; DivergenceError: the weights became
+            non-finite (the message names the learning rate).
+    """
+    if len(x) == 0 or len(x) != len(y):
+        raise ShapeError(f"training set must be non-empty with one label per image, got {len(x)} images "
+                         f"and {len(y)} labels")
+    th = theta0.detach().clone().float()
+    v = torch.zeros_like(th)
+    n, b = len(x), min(batch, len(x))
+    total = int(round(epochs * n / b))
+    perm, pos = torch.randperm(n, generator=generator), 0
+    for _ in range(total):
+        if pos + b > n:
+            perm, pos = torch.randperm(n, generator=generator), 0
+        idx = perm[pos:pos + b]
+        pos += b
+        p = th.requires_grad_(True)
+        with torch.enable_grad():
+            g, = torch.autograd.grad(inner_loss(model.apply(p, x[idx].float()), y[idx]), p)
+        th = th.detach()
+        v = momentum * v + g
+        th = th - lr * v
+    if not torch.isfinite(th).all():
+        raise DivergenceError(f"pre-training diverged (non-finite weights) at lr {lr}; lower it")
+    return th.detach()
+
+
+def pretrain_pool(model: FunctionalModel, train_x: Tensor, train_y: Tensor, n: int, *,
+                  init: str = "xavier", epochs: float = 1.0, lr: float = 0.01, momentum: float = 0.9,
+                  batch: int = 64, seed: int = 0, test_x: Optional[Tensor] = None,
+                  test_y: Optional[Tensor] = None, meta: Optional[Dict[str, Any]] = None,
+                  progress: Optional[Callable[[int, float], None]] = None) -> ModelPool:
+    """Train ``n`` models from independent ``init`` draws (seeded) and return them as a pool.
+
+    Args:
+        model: the functional architecture.
+        train_x, train_y: the source training set (normalised images, int64 labels).
+        n: number of models.
+        init, epochs, lr, momentum, batch: how each model is trained (:func:`train_model`).
+        seed: model ``i`` uses ``Generator().manual_seed(seed + i)`` for its θ_0 and batch order,
+            so pools are reproducible and extendable.
+        test_x, test_y: when given, every model's source test accuracy is stored in the metadata.
+        meta: extra metadata (``dataset`` etc.) merged into the pool's.
+        progress: ``progress(i, test_acc)`` after each model.
+    """
+    if n < 1:
+        raise ConfigError(f"a pool needs at least one model, got n = {n}")
+    thetas, accs = [], []
+    t0 = time.perf_counter()
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed + i)
+        th = train_model(model, model.init(init, g), train_x, train_y, epochs=epochs, lr=lr,
+                         momentum=momentum, batch=batch, generator=g)
+        thetas.append(th)
+        acc = accuracy(model, th, test_x, test_y) if test_x is not None else float("nan")
+        accs.append(acc)
+        if progress is not None:
+            progress(i, acc)
+    info = {"model": model.name, "num_classes": int(getattr(model, "num_classes", model.num_outputs)),
+            "in_channels": int(model.input_shape[0]), "image_size": int(model.input_shape[-1]),
+            "n": n, "init": init, "epochs": epochs, "lr": lr, "momentum": momentum, "batch": batch,
+            "seed": seed, "test_acc": accs, "wall_s": time.perf_counter() - t0}
+    info.update(meta or {})
+    return ModelPool(torch.stack(thetas).float(), info)
+
+
+# -- storage ------------------------------------------------------------------------------------
+def save_pool(pool: ModelPool, path) -> None:
+    """Atomically write ``pool`` to ``path`` (one ``torch.save`` file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": POOL_FORMAT, "thetas": pool.thetas.detach().float().contiguous(),
+                "meta": dict(pool.meta)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_pool(path) -> ModelPool:
+    """Read a pool file written by :func:`save_pool`.
+
+    Raises:
+        DataError: the file is missing, unreadable/corrupt, not a pool, or holds non-finite or
+            mis-shaped weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"no model pool at {path}; create one with `fastdistill pretrain`")
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, or not a torch file at all
+        raise DataError(f"model pool {path} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(s, dict) or s.get("format") != POOL_FORMAT:
+        fmt = s.get("format") if isinstance(s, dict) else type(s).__name__
+        raise DataError(f"{path} is not a fastdistill model pool (format {fmt!r}, expected {POOL_FORMAT})")
+    th, meta = s.get("thetas"), s.get("meta")
+    if not isinstance(th, Tensor) or th.dim() != 2 or th.shape[0] == 0 or not isinstance(meta, dict):
+        raise DataError(f"model pool {path} is malformed: expected thetas [N, P] with N ≥ 1 and a meta dict")
+    missing = [k for k in ("model", "num_classes", "in_channels", "image_size") if k not in meta]
+    if missing:
+        raise DataError(f"model pool {path} lacks metadata {missing}")
+    if not torch.isfinite(th).all():
+        raise DataError(f"model pool {path} holds non-finite weights")
+    return ModelPool(th, meta)
+
+
+# -- θ_0 for distillation and evaluation ---------------------------------------------------------
+def pool_initialisers(config, model: FunctionalModel, *, dtype=torch.float32,
+                      pool: Optional[ModelPool] = None):
+    """``(theta0, init_fn)`` for a :class:`~fastdistill.distill.Distiller` in a pre-trained mode.
+
+    ``fixed-pretrained``: θ_0 is the first distillation-split model, ``init_fn`` None.
+    ``random-pretrained``: ``init_fn(generator)`` returns a uniformly drawn distillation-split
+    model; held-out models (``config.pool_heldout``) are never drawn.
+    """
+    pool = pool if pool is not None else load_pool(config.pool)
+    pool.check_model(model)
+    train_idx, _ = pool.split(config.pool_heldout)
+    thetas = pool.thetas
+    if config.mode == "fixed-pretrained":
+        return thetas[train_idx[0]].to(dtype).clone(), None
+    if config.mode == "random-pretrained":
+        idx = torch.tensor(train_idx)
+
+        def init_fn(g: torch.Generator) -> Tensor:
+            j = int(torch.randint(len(idx), (1,), generator=g))
+            return thetas[int(idx[j])].to(dtype).clone()
+
+        return None, init_fn
+    raise ConfigError(f"mode {config.mode!r} does not use a model pool")
+
+
+def evaluation_inits(config, model: FunctionalModel, n: int, *, theta0: Optional[Tensor] = None,
+                     pool: Optional[ModelPool] = None, dtype=torch.float32) -> List[Tensor]:
+    """The held-out θ_0 of the evaluation protocol for every ``config.mode``.
+
+    fixed / fixed-pretrained: ``[theta0]`` (the distillation's θ_0; for fixed-pretrained it is
+    looked up in the pool when not given); random: ``n`` draws from the held-out stream
+    (:func:`~fastdistill.evaluate.heldout_inits`); random-pretrained: the first ``n`` held-out
+    pool models (fewer if the pool holds fewer: the caller sees ``len()``).
+    """
+    if config.mode == "fixed":
+        if theta0 is None:
+            raise ConfigError("fixed init evaluates the distillation's θ_0; pass theta0")
+        return [theta0.to(dtype)]
+    if config.mode == "random":
+        return list(heldout_inits(model, config.init, n, config.seed, gain=config.init_gain, dtype=dtype))
+    pool = pool if pool is not None else load_pool(config.pool)
+    pool.check_model(model)
+    train_idx, held = pool.split(config.pool_heldout)
+    if config.mode == "fixed-pretrained":
+        return [(theta0 if theta0 is not None else pool.thetas[train_idx[0]]).to(dtype)]
+    return [pool.thetas[i].to(dtype) for i in held[:n]]
+
+
+def finetune_full(model: FunctionalModel, theta0s: Sequence[Tensor], train_x: Tensor, train_y: Tensor,
+                  test_x: Tensor, test_y: Tensor, *, epochs: float = 1.0, lr: float = 0.01,
+                  momentum: float = 0.9, batch: int = 64, seed: int = 0) -> Dict[str, Any]:
+    """The "train on the full target dataset" reference: fine-tune every θ_0 with SGD on the
+    whole target training set; returns test accuracies before/after with mean ± std."""
+    before, after = [], []
+    for i, th0 in enumerate(theta0s):
+        before.append(accuracy(model, th0, test_x, test_y))
+        th = train_model(model, th0, train_x, train_y, epochs=epochs, lr=lr, momentum=momentum,
+                         batch=batch, generator=torch.Generator().manual_seed(seed + i))
+        after.append(accuracy(model, th, test_x, test_y))
+    sd = lambda v: statistics.pstdev(v) if len(v) > 1 else 0.0  # noqa: E731
+    return {"before": before, "after": after, "n_models": len(after),
+            "acc_before_mean": statistics.fmean(before), "acc_before_std": sd(before),
+            "acc_after_mean": statistics.fmean(after), "acc_after_std": sd(after)}

@@ -1,0 +1,142 @@
+"""Model pools: training, storage, corrupt/missing files, splits, and pre-trained θ_0 in the Distiller."""
+import pytest
+import torch
+from torch import nn
+
+from fastdistill.distill import DistillConfig, Distiller
+from fastdistill.errors import ConfigError, DataError, ShapeError
+from fastdistill.evaluate import accuracy
+from fastdistill.models import ModuleModel
+from fastdistill.pretrain import (ModelPool, evaluation_inits, finetune_full, load_pool, pool_initialisers,
+                                  pretrain_pool, save_pool, train_model)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids oversubscription on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def blobs(n_per=30, seed=0, shift=0.0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.tensor([[3.0, 0.0], [0.0, 3.0], [-3.0, -3.0]]) + shift
+    x = torch.cat([c + 0.5 * torch.randn(n_per, 2, generator=g) for c in centres]).view(-1, 1, 1, 2)
+    return x, torch.arange(3).repeat_interleave(n_per)
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return ModuleModel(nn.Sequential(nn.Flatten(), nn.Linear(2, 5), nn.Tanh(), nn.Linear(5, 3)), (1, 1, 2), 3)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    m = tiny_model()
+    x, y = blobs()
+    tx, ty = blobs(seed=1)
+    return pretrain_pool(m, x, y, 6, epochs=3, lr=0.1, batch=16, seed=10, test_x=tx, test_y=ty,
+                         meta={"dataset": "blobs"})
+
+
+def test_pool_models_are_trained_distinct_and_reproducible(pool):
+    assert pool.thetas.shape == (6, tiny_model().num_params) and len(pool) == 6
+    assert min(pool.meta["test_acc"]) > 0.9 and pool.meta["dataset"] == "blobs"
+    assert not torch.equal(pool.thetas[0], pool.thetas[1])
+    m = tiny_model()
+    x, y = blobs()
+    again = pretrain_pool(m, x, y, 1, epochs=3, lr=0.1, batch=16, seed=10)
+    torch.testing.assert_close(again.thetas[0], pool.thetas[0], rtol=0, atol=0)
+
+
+def test_save_load_roundtrip(tmp_path, pool):
+    save_pool(pool, tmp_path / "p" / "pool.pt")
+    back = load_pool(tmp_path / "p" / "pool.pt")
+    assert torch.equal(back.thetas, pool.thetas) and back.meta == pool.meta
+    assert not (tmp_path / "p" / "pool.pt.tmp").exists()
+
+
+def test_missing_corrupt_and_foreign_pool_files(tmp_path, pool):
+    with pytest.raises(DataError, match="no model pool at"):
+        load_pool(tmp_path / "nope.pt")
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"\x00not a torch file" * 10)
+    with pytest.raises(DataError, match="unreadable"):
+        load_pool(bad)
+    good = tmp_path / "good.pt"
+    save_pool(pool, good)
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(DataError, match="unreadable"):
+        load_pool(trunc)
+    other = tmp_path / "other.pt"
+    torch.save({"thetas": pool.thetas}, other)
+    with pytest.raises(DataError, match="not a fastdistill model pool"):
+        load_pool(other)
+    nan = ModelPool(pool.thetas.clone(), dict(pool.meta))
+    nan.thetas[0, 0] = float("nan")
+    save_pool(nan, tmp_path / "nan.pt")
+    with pytest.raises(DataError, match="non-finite"):
+        load_pool(tmp_path / "nan.pt")
+
+
+def test_split_and_initialisers_never_draw_heldout_models(pool):
+    tr, held = pool.split(2)
+    assert tr == [0, 1, 2, 3] and held == [4, 5]
+    with pytest.raises(ConfigError, match="cannot hold out 6 of 6"):
+        pool.split(6)
+    m = tiny_model()
+    cfg = DistillConfig(mode="random-pretrained", pool="unused", pool_heldout=2)
+    th0, init_fn = pool_initialisers(cfg, m, pool=pool)
+    assert th0 is None
+    g = torch.Generator().manual_seed(0)
+    drawn = set()
+    for _ in range(60):
+        th = init_fn(g)
+        drawn.add(next(i for i in range(6) if torch.equal(pool.thetas[i], th)))
+    assert drawn == {0, 1, 2, 3}
+    fixed, fn = pool_initialisers(DistillConfig(mode="fixed-pretrained", pool="unused", pool_heldout=2), m, pool=pool)
+    assert fn is None and torch.equal(fixed, pool.thetas[0])
+    ev = evaluation_inits(cfg, m, 10, pool=pool)
+    assert len(ev) == 2 and torch.equal(ev[0], pool.thetas[4])
+
+
+def test_pool_that_does_not_fit_the_model(pool):
+    big = ModuleModel(nn.Sequential(nn.Flatten(), nn.Linear(2, 3)), (1, 1, 2), 3)
+    with pytest.raises(ShapeError, match="P = "):
+        pool_initialisers(DistillConfig(mode="fixed-pretrained", pool="x", pool_heldout=1), big, pool=pool)
+
+
+def test_distiller_adapts_pretrained_weights_from_a_pool_file(tmp_path, pool):
+    path = tmp_path / "pool.pt"
+    save_pool(pool, path)
+    m = tiny_model()
+    # target task: the same classes, shifted inputs (a small domain change)
+    x, y = blobs(seed=3, shift=1.5)
+    with pytest.raises(ConfigError, match="needs a model pool"):
+        DistillConfig(mode="random-pretrained").validate()
+    with pytest.raises(DataError, match="no model pool"):
+        Distiller(DistillConfig(mode="random-pretrained", pool=str(tmp_path / "missing.pt")), x, y, 3, model=m)
+    cfg = DistillConfig(mode="random-pretrained", pool=str(path), pool_heldout=2, n_nets=2, iterations=3,
+                        real_batch=40, lr0=0.05)
+    d = Distiller(cfg, x, y, 3, model=m)
+    d.run()
+    assert d.theta0 is None and d.iteration == 3
+    fd = Distiller(DistillConfig(mode="fixed-pretrained", pool=str(path), pool_heldout=2, iterations=1,
+                                 real_batch=40), x, y, 3, model=m)
+    assert torch.equal(fd.theta0, pool.thetas[0])
+    assert len(evaluation_inits(fd.cfg, m, 5, theta0=fd.theta0)) == 1
+
+
+def test_finetune_full_and_train_model_errors(pool):
+    m = tiny_model()
+    x, y = blobs(seed=3, shift=1.5)
+    res = finetune_full(m, [pool.thetas[4]], x, y, x, y, epochs=2, lr=0.1, batch=16)
+    assert res["n_models"] == 1 and res["acc_after_mean"] >= res["acc_before_mean"]
+    assert res["acc_after_mean"] > 0.9
+    with pytest.raises(ShapeError, match="non-empty"):
+        train_model(m, pool.thetas[0], x[:0], y[:0])
+    th = train_model(m, pool.thetas[0], x, y, epochs=0.5, lr=0.0)
+    assert torch.equal(th, pool.thetas[0]) and accuracy(m, th, x, y) > 0.3
