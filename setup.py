@@ -18,8 +18,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REQUIRE_EXT = os.environ.get("FASTDISTILL_REQUIRE_EXT", "0") == "1"
 
 
-def _say(msg):
+# pip hides a successful build's output, so the extension's fate is also written here, where
+# scripts/install.sh prints it from.
+STATUS_FILE = os.path.join(HERE, "build", "fastdistill-ext-status.txt")
+
+
+def _say(msg, status=False):
     print(f"[fastdistill setup] {msg}", file=sys.stderr, flush=True)
+    if status:
+        try:
+            os.makedirs(os.path.dirname(STATUS_FILE), exist_ok=True)
+            with open(STATUS_FILE, "w") as fh:
+                fh.write(msg + "\n")
+        except OSError:
+            pass
 
 
 def _rel(pattern):
@@ -36,12 +48,12 @@ def _extension_config():
                "Install torch first and use `pip install --no-build-isolation -e .`.")
         if REQUIRE_EXT:
             raise RuntimeError(msg + " (FASTDISTILL_REQUIRE_EXT=1)") from exc
-        _say(msg + " fastdistill will use its pure-PyTorch reference ops.")
+        _say(msg + " fastdistill will use its pure-PyTorch reference ops.", status=True)
         return [], {}
 
     cpu_sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")
     if not cpu_sources:
-        _say("no C++ sources under csrc/; skipping the extension.")
+        _say("no C++ sources under csrc/; skipping the extension.", status=True)
         return [], {}
 
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -70,7 +82,14 @@ def _extension_config():
                 raise exc
             _say(f"could not build fastdistill._C ({type(exc).__name__}: {exc}). "
                  "Continuing without it: fastdistill will use its pure-PyTorch reference ops. "
-                 "Set FASTDISTILL_REQUIRE_EXT=1 to make this an error.")
+                 "Set FASTDISTILL_REQUIRE_EXT=1 to make this an error (and see the compiler "
+                 "output).", status=True)
+
+        def finalize_options(self):
+            super().finalize_options()
+            # A stable object directory lets ninja rebuild only the translation units that
+            # changed (each one including torch headers costs ~20 s).
+            self.build_temp = os.path.join(HERE, "build", "temp-fastdistill")
 
         def build_extensions(self):
             try:  # the compiler/ABI probes live here, before any single extension is built
@@ -84,6 +103,8 @@ def _extension_config():
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001
                 self._fallback(exc)
+            else:
+                _say(f"built {ext.name} from {len(ext.sources)} sources", status=True)
 
         def get_outputs(self):
             # Report only what was built, so an editable/wheel install does not look for a

@@ -103,6 +103,9 @@ if "$PY" -c 'import torch, fastdistill._C' >/dev/null 2>&1; then
     say "C++ extension fastdistill._C: loaded"
 else
     say "C++ extension fastdistill._C: NOT built (pure-PyTorch reference ops will be used)"
+    if [ -f build/fastdistill-ext-status.txt ]; then
+        say "  build status: $(cat build/fastdistill-ext-status.txt)"
+    fi
     if [ "$FASTDISTILL_REQUIRE_EXT" = 1 ]; then
         echo "[install.sh] FASTDISTILL_REQUIRE_EXT=1 but fastdistill._C does not import" >&2
         exit 1
