@@ -82,3 +82,11 @@ def meta_gradient(model: FunctionalModel, theta0: Tensor, data: Tensor, labels: 
     prob = InnerProblem(model, data, labels, lrs, betas)
     return STRATEGIES[strategy](prob, theta0, outer_loss, need_data=need_data,
                                 need_labels=need_labels, need_theta0=need_theta0, **options)
+
+
+# K networks unrolled together (random-init DD); its reference is the loop over meta_gradient
+from .batched import (BatchedOuterLoss, make_batched_outer_loss, meta_gradient_batched,  # noqa: E402
+                      meta_gradient_batched_reference)
+
+__all__ += ["meta_gradient_batched", "meta_gradient_batched_reference", "BatchedOuterLoss",
+            "make_batched_outer_loss"]
