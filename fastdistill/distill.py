@@ -27,9 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .backgrad import STRATEGIES, make_outer_loss, meta_gradient
+from .backgrad import (STRATEGIES, make_batched_outer_loss, make_outer_loss, meta_gradient,
+                       meta_gradient_batched)
 from .errors import ConfigError, DivergenceError, FastDistillError, ShapeError
 from .models import INIT_SCHEMES, FunctionalModel, build_model
+from .models.batched import supports_batched
 
 __all__ = ["DistillConfig", "Distiller", "DistillResult", "distill", "inverse_softplus",
            "hard_labels", "initial_labels", "top_labels", "MODES"]
@@ -126,6 +128,7 @@ class DistillConfig:
     checkpoint_every: int = 500
     dtype: str = "float32"
     threads: int = 0                    # torch.set_num_threads (0: leave as is)
+    batched: bool = True                # n_nets > 1 with stored on LeNet/AlexCifarNet: one batched unroll
     # SLDD (Sucholutsky & Schonlau): learnable labels ỹ [S, n, C], initialised one-hot
     soft_labels: bool = False
     label_softmax: bool = False         # the inner loss sees softmax(ỹ) instead of raw ỹ
@@ -340,7 +343,16 @@ class Distiller:
         glr = torch.zeros_like(self.raw_lrs)
         gbeta = None if betas is None else torch.zeros_like(betas)
         losses = []
-        for _ in range(c.n_nets):
+        batched = self._batched_meta_gradient(idx, outer, labels, lrs, betas, glab is not None)
+        if batched is not None:  # the mean over networks, scaled to the loop's sum
+            losses = [float(v) for v in batched.stats["losses"]]
+            gdata += batched.data * c.n_nets
+            glr += batched.lrs * c.n_nets
+            if glab is not None:
+                glab += batched.labels * c.n_nets
+            if gbeta is not None:
+                gbeta += batched.betas * c.n_nets
+        for _ in range(c.n_nets if batched is None else 0):
             th0 = self.theta0 if c.fixed_init else self.init_fn(self.init_gen).to(self.dtype)
             out = meta_gradient(self.model, th0, self.data.detach(), labels, lrs, outer,
                                 betas=betas, strategy=c.backgrad, need_theta0=False,
@@ -383,6 +395,19 @@ class Distiller:
         return {"iteration": self.iteration, "loss": sum(losses) / len(losses),
                 "lr_mean": float(new_lrs.mean()), "outer_lr": self.sched.get_last_lr()[0]}
 
+    def _batched_meta_gradient(self, idx, outer, labels, lrs, betas, need_labels):
+        """All n_nets networks in one batched unroll, or None where the per-network loop runs.
+        θ_0 draws come from ``init_gen`` in the loop's order, so a run is the same either way."""
+        c = self.cfg
+        if not (c.batched and c.n_nets > 1 and c.backgrad == "stored" and supports_batched(self.model)):
+            return None
+        th0s = torch.stack([self.theta0 if c.fixed_init else self.init_fn(self.init_gen).to(self.dtype)
+                            for _ in range(c.n_nets)])
+        if self.outer_fn is make_outer_loss:  # else: the custom objective runs per network
+            outer = make_batched_outer_loss(self.model, self.train_x[idx], self.train_y[idx])
+        return meta_gradient_batched(self.model, th0s, self.data.detach(), labels, lrs, outer,
+                                     betas=betas, need_theta0=False, need_labels=need_labels)
+
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         return {
@@ -400,7 +425,8 @@ class Distiller:
             raise FastDistillError(f"not a fastdistill checkpoint (format {s.get('format')!r})")
         mine, theirs = self.cfg.to_dict(), dict(s["config"])
         # what may differ on resume: bookkeeping that does not change the optimisation
-        free = {"iterations", "eval_every", "checkpoint_every", "eval_models", "threads", "data_root"}
+        free = {"iterations", "eval_every", "checkpoint_every", "eval_models", "threads", "data_root",
+                "batched"}
         defaults = DistillConfig().to_dict()  # keys added after the checkpoint was written
         diff = sorted(k for k in mine if k not in free and mine[k] != theirs.get(k, defaults[k]))
         if diff:
