@@ -128,6 +128,7 @@ class DistillConfig:
     checkpoint_every: int = 500
     dtype: str = "float32"
     threads: int = 0                    # torch.set_num_threads (0: leave as is)
+    data_init: str = "randn"            # randn (DD) | real: x̃ starts as random real images of its class
     batched: bool = True                # n_nets > 1 with stored on LeNet/AlexCifarNet: one batched unroll
     # SLDD (Sucholutsky & Schonlau): learnable labels ỹ [S, n, C], initialised one-hot
     soft_labels: bool = False
@@ -147,6 +148,8 @@ class DistillConfig:
         return self.mode in ("fixed", "fixed-pretrained")
 
     def validate(self) -> None:
+        if self.data_init not in ("randn", "real"):
+            raise ConfigError(f"unknown data_init {self.data_init!r}; choose randn or real")
         if self.mode not in MODES:
             raise ConfigError(f"unknown init mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.mode.endswith("-pretrained") and not self.pool:
@@ -288,7 +291,15 @@ class Distiller:
         self.labels = initial_labels(num_classes, c.images_per_class, c.steps, c.label_classes)
         n = self.labels.shape[1]
         self.data = torch.randn((c.steps, n) + tuple(self.model.input_shape), generator=gen,
-                                dtype=self.dtype).requires_grad_(True)
+                                dtype=self.dtype)
+        if c.data_init == "real":
+            # one real training image of the right class per slot, drawn with the run's generator
+            for cls in range(num_classes):
+                pos = (self.labels == cls).nonzero()
+                pool = torch.nonzero(train_y == cls).flatten()
+                pick = pool[torch.randint(len(pool), (len(pos),), generator=gen)]
+                self.data[pos[:, 0], pos[:, 1]] = self.train_x[pick]
+        self.data.requires_grad_(True)
         self.raw_lrs = torch.full((c.T,), inverse_softplus(c.lr0), dtype=self.dtype, requires_grad=True)
         params = [self.data, self.raw_lrs]
         self.raw_labels = None
