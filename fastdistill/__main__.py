@@ -1,0 +1,4 @@
+"""``python -m fastdistill``: the command line (see :mod:`fastdistill.cli`)."""
+from .cli import main
+
+raise SystemExit(main())
