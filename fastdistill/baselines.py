@@ -94,38 +94,46 @@ def random_real(x: Tensor, y: Tensor, num_classes: int, per_class: int, steps: i
     return as_steps(sets, steps)
 
 
-def kmeans(x: Tensor, k: int, generator: Optional[torch.Generator] = None, iters: int = 100,
-           tol: float = 1e-6) -> Tensor:
+def kmeans(x: Tensor, k: int, generator: Optional[torch.Generator] = None, iters: int = 100) -> Tensor:
     """Lloyd's k-means with k-means++ seeding on ``x [N, ...]``; returns ``k`` centroids ``[k, ...]``.
 
-    An empty cluster is re-seeded with the point farthest from its centroid. Raises
-    :class:`ShapeError` if ``k`` exceeds the number of points.
+    Stops when no assignment changes (a fixed point of Lloyd's iteration) or after ``iters``
+    rounds. Distances use ``‖x‖² − 2 x·c + ‖c‖²`` in ``x``'s dtype; centroid means accumulate in
+    float64. An empty cluster is re-seeded with the point farthest from its centroid.
+    Raises :class:`ShapeError` if ``k`` exceeds the number of points.
     """
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ShapeError(f"k-means needs 1 ≤ k ≤ N points, got k = {k}, N = {n}")
-    pts = x.reshape(n, -1).double()
-    cent = pts[int(torch.randint(n, (1,), generator=generator))].unsqueeze(0)
-    d2 = torch.cdist(pts, cent).squeeze(1) ** 2
+    pts = x.reshape(n, -1)
+    pts64 = pts.double()
+    sq = (pts * pts).sum(1)
+
+    def sqdist(c: Tensor) -> Tensor:
+        return (sq[:, None] - 2 * pts @ c.T + (c * c).sum(1)[None, :]).clamp_min_(0)
+
+    first = int(torch.randint(n, (1,), generator=generator))
+    cent = pts[first:first + 1].clone()
+    d2 = sqdist(cent).squeeze(1)
     for _ in range(1, k):  # k-means++: next centre drawn ∝ D(x)²
-        w = d2 if float(d2.sum()) > 0 else torch.ones_like(d2)
+        w = d2.double() if float(d2.sum()) > 0 else torch.ones(n, dtype=torch.float64)
         j = int(torch.multinomial(w, 1, generator=generator))
         cent = torch.cat([cent, pts[j:j + 1]])
-        d2 = torch.minimum(d2, ((pts - pts[j]) ** 2).sum(1))
+        d2 = torch.minimum(d2, sqdist(pts[j:j + 1]).squeeze(1))
+    assign = None
     for _ in range(iters):
-        dist = torch.cdist(pts, cent)
-        assign = dist.argmin(1)
-        new = torch.zeros_like(cent).index_add_(0, assign, pts)
+        dist = sqdist(cent)
+        new_assign = dist.argmin(1)
+        if assign is not None and torch.equal(new_assign, assign):
+            break
+        assign = new_assign
         count = torch.bincount(assign, minlength=k)
         for c in torch.nonzero(count == 0).flatten().tolist():
             far = int(dist.gather(1, assign[:, None]).squeeze(1).argmax())
-            new[c], count[c] = pts[far], 1
             assign[far] = c
-        new = new / count[:, None].to(new.dtype)
-        shift = float((new - cent).abs().max())
-        cent = new
-        if shift <= tol:
-            break
+            count = torch.bincount(assign, minlength=k)
+        sums = torch.zeros(k, pts.shape[1], dtype=torch.float64).index_add_(0, assign, pts64)
+        cent = (sums / count[:, None].double()).to(pts.dtype)
     return cent.to(x.dtype).view(k, *x.shape[1:])
 
 

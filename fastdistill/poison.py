@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -129,21 +129,23 @@ class AttackReport:
 
 
 def evaluate_attack(model: FunctionalModel, data: Tensor, labels: Tensor, lrs: Tensor,
-                    test_x: Tensor, test_y: Tensor, theta0s: Iterable[Tensor], K: int, T: int
-                    ) -> AttackReport:
+                    test_x: Tensor, test_y: Tensor, theta0s: Iterable[Tensor], K: int, T: int,
+                    *, with_before: bool = True) -> AttackReport:
     """Apply the poisoned steps to every (well-trained) θ_0 in ``theta0s`` and measure the attack.
 
     Args:
         data, labels, lrs: the distilled (or baseline) set ``[S, n, ...]``, ``[S, n(, C)]``,
             ``[T]`` — one GD step in the paper's setting.
         theta0s: held-out pre-trained models (never used to distil).
+        with_before: also measure the clean models (one more test pass per model).
     Returns:
         :class:`AttackReport`.
     """
     rep = AttackReport(K, T)
     for th0 in theta0s:
         th0 = th0.to(data.dtype)
-        rep.before.append(attack_metrics(model, th0, test_x, test_y, K, T))
+        if with_before:
+            rep.before.append(attack_metrics(model, th0, test_x, test_y, K, T))
         th = train_on_distilled(model, th0, data, labels, lrs)
         if torch.isfinite(th).all():
             rep.after.append(attack_metrics(model, th, test_x, test_y, K, T))
@@ -152,25 +154,50 @@ def evaluate_attack(model: FunctionalModel, data: Tensor, labels: Tensor, lrs: T
     return rep
 
 
-def best_poison_baseline(model: FunctionalModel, data: Tensor, labels: Tensor,
+def best_poison_baseline(model: FunctionalModel, sets: Sequence[Tuple[Tensor, Tensor]],
                          test_x: Tensor, test_y: Tensor, theta0s: Sequence[Tensor], K: int, T: int,
-                         lr_grid: Sequence[float], min_flip: float = MIN_FLIP) -> Dict[str, object]:
-    """The paper's rule for real-image poisoning baselines: one GD step on ``data`` with labels
-    already changed K ↦ T, for every rate in ``lr_grid``; keep the highest mean ``acc_modified``
-    among rates whose mean ``k_to_t`` ≥ ``min_flip``.
+                         lr_grid: Sequence[float], min_flip: float = MIN_FLIP, *,
+                         select_theta0s: Optional[Sequence[Tensor]] = None,
+                         select_sets: Optional[int] = None) -> Dict[str, object]:
+    """The paper's rule for real-image poisoning baselines: one GD step on each ``(data, labels)``
+    of ``sets`` (labels already changed K ↦ T) from every θ_0, for every rate in ``lr_grid``;
+    keep the highest mean ``acc_modified`` among rates whose mean ``k_to_t`` ≥ ``min_flip``
+    (means over all set × model pairs).
 
-    Returns ``{"lr", "report", "grid": [(lr, acc_modified, k_to_t), ...]}``; ``lr`` and
-    ``report`` are None when no rate reaches ``min_flip``.
+    By default the rate is chosen on the reported models themselves (the paper); with
+    ``select_theta0s`` / ``select_sets`` it is chosen on those and then measured on
+    ``theta0s`` × all sets.
+
+    Returns ``{"lr", "report", "grid": [(lr, acc_modified, k_to_t), ...], "selected_on"}``;
+    ``lr`` and ``report`` (an :class:`AttackReport` pooling every set × model) are None when no
+    rate reaches ``min_flip``.
     """
+    if not sets:
+        raise ShapeError("no baseline sets to evaluate")
     thetas = list(theta0s)
+    sel_th = thetas if select_theta0s is None else list(select_theta0s)
+    sel_sets = list(sets) if select_sets is None else list(sets)[:select_sets]
+    separate = select_theta0s is not None or select_sets is not None
+
+    def pooled(lr, models, data_sets, before):
+        rep = AttackReport(K, T)
+        for data, labels in data_sets:
+            r = evaluate_attack(model, data, labels, torch.full((1,), float(lr), dtype=data.dtype),
+                                test_x, test_y, models, K, T, with_before=before)
+            rep.before += r.before
+            rep.after += r.after
+        return rep
+
     best, grid = None, []
     for lr in lr_grid:
-        rep = evaluate_attack(model, data, labels, torch.full((1,), float(lr), dtype=data.dtype),
-                              test_x, test_y, thetas, K, T)
+        rep = pooled(lr, sel_th, sel_sets, False)
         s = rep.summary()
         grid.append((float(lr), s["acc_modified_after_mean"], s["k_to_t_after_mean"]))
-        if s["k_to_t_after_mean"] >= min_flip and (best is None or s["acc_modified_after_mean"] >
-                                                    best[1].summary()["acc_modified_after_mean"]):
-            best = (float(lr), rep)
-    return {"lr": None if best is None else best[0], "report": None if best is None else best[1],
-            "grid": grid}
+        if s["k_to_t_after_mean"] >= min_flip and (best is None or s["acc_modified_after_mean"] > best[1]):
+            best = (float(lr), s["acc_modified_after_mean"], rep)
+    out = {"lr": None, "report": None, "grid": grid,
+           "selected_on": f"{len(sel_th)} model(s) × {len(sel_sets)} set(s)" + (" (separate)" if separate else "")}
+    if best is not None:
+        out["lr"] = best[0]
+        out["report"] = pooled(best[0], thetas, sets, False) if separate else best[2]
+    return out

@@ -113,10 +113,13 @@ def test_best_poison_baseline_rule():
     pool = pretrain_pool(m, x, y, 2, epochs=2, lr=0.1, batch=16, seed=0)
     data, labels = random_real(x, y, C, 5, generator=torch.Generator().manual_seed(0))
     labels = relabel(labels, 0, 1)
-    out = best_poison_baseline(m, data, labels, tx, ty, list(pool.thetas), 0, 1, lr_grid=(0.0, 1.0, 30.0))
+    out = best_poison_baseline(m, [(data, labels)], tx, ty, list(pool.thetas), 0, 1, lr_grid=(0.0, 1.0, 30.0))
     grid = {lr: (acc, flip) for lr, acc, flip in out["grid"]}
     assert grid[0.0][1] < 0.1                           # lr 0 changes nothing: not eligible
     eligible = [lr for lr, (acc, flip) in grid.items() if flip >= 0.1]
     assert out["lr"] == max(eligible, key=lambda lr: grid[lr][0])
-    none = best_poison_baseline(m, data, labels, tx, ty, list(pool.thetas), 0, 1, lr_grid=(0.0,))
+    sep = best_poison_baseline(m, [(data, labels)] * 2, tx, ty, list(pool.thetas), 0, 1, lr_grid=(0.0, 1.0, 30.0),
+                               select_theta0s=list(pool.thetas[:1]), select_sets=1)
+    assert "separate" in sep["selected_on"] and sep["report"].n_models == 4   # 2 models × 2 sets reported
+    none = best_poison_baseline(m, [(data, labels)], tx, ty, list(pool.thetas), 0, 1, lr_grid=(0.0,))
     assert none["lr"] is None and none["report"] is None
