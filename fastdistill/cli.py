@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", parents=[common], help="versions, backends, strategies, data cache",
                        description="Show what this installation has available.")
     i.set_defaults(func=_cmd_info)
+
+    from .pretrain import add_pretrain_command  # issue 4: model pools for the pre-trained modes
+    add_pretrain_command(sub, common)
     return p
 
 

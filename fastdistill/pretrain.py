@@ -255,3 +255,50 @@ def finetune_full(model: FunctionalModel, theta0s: Sequence[Tensor], train_x: Te
     return {"before": before, "after": after, "n_models": len(after),
             "acc_before_mean": statistics.fmean(before), "acc_before_std": sd(before),
             "acc_after_mean": statistics.fmean(after), "acc_after_std": sd(after)}
+
+
+# -- command line (`fastdistill pretrain`) ---------------------------------------------------------
+def add_pretrain_command(sub, common) -> None:
+    """Register ``fastdistill pretrain`` on the CLI's sub-parser set ``sub``."""
+    p = sub.add_parser("pretrain", parents=[common], help="train a pool of models on a source dataset",
+                       description="Train N networks (independent Xavier draws, minibatch SGD) on a "
+                                   "dataset and store them as one pool file for the fixed-/random-"
+                                   "pretrained distillation modes (--mode random-pretrained --pool FILE).")
+    p.add_argument("dataset", help="source dataset (e.g. mnist, fashion-mnist)")
+    p.add_argument("--out", required=True, metavar="FILE", help="pool file to write (e.g. pools/mnist.pt)")
+    p.add_argument("--n", type=int, default=20, metavar="N", help="number of models (paper: 2000 + 200 held out)")
+    p.add_argument("--model", default="lenet", help="architecture (default lenet)")
+    p.add_argument("--init", default="xavier", help="initialisation scheme of every model (default xavier)")
+    p.add_argument("--epochs", type=float, default=1.0, metavar="X", help="training epochs per model")
+    p.add_argument("--lr", type=float, default=0.01, metavar="X", help="SGD learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, metavar="X", help="SGD momentum")
+    p.add_argument("--batch", type=int, default=64, metavar="N", help="minibatch size")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="model i uses seed + i")
+    p.add_argument("--data-root", metavar="DIR", help="folder with the dataset files")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (0: leave as is)")
+    p.set_defaults(func=_cmd_pretrain)
+
+
+def _cmd_pretrain(args) -> int:
+    import sys
+
+    from .data import load_dataset
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ds = load_dataset(args.dataset, args.data_root)
+    model = build_model(args.model, ds.info.num_classes, ds.train_x.shape[1], ds.train_x.shape[2])
+    t0 = time.perf_counter()
+
+    def say(i, acc):
+        print(f"model {i + 1}/{args.n}: test accuracy {100 * acc:.2f}% ({time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+
+    pool = pretrain_pool(model, ds.train_x, ds.train_y, args.n, init=args.init, epochs=args.epochs,
+                         lr=args.lr, momentum=args.momentum, batch=args.batch, seed=args.seed,
+                         test_x=ds.test_x, test_y=ds.test_y, meta={"dataset": ds.info.name}, progress=say)
+    save_pool(pool, args.out)
+    accs = pool.meta["test_acc"]
+    sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0
+    print(f"pool of {len(pool)} {model.name} models on {ds.info.name}: test accuracy "
+          f"{100 * statistics.fmean(accs):.2f} ± {100 * sd:.2f}% -> {args.out}")
+    return 0
