@@ -99,6 +99,20 @@ def _registries() -> Dict[str, List[str]]:
             "backgrad": sorted(STRATEGIES), "mode": list(getattr(distill, "MODES", ())) or None}
 
 
+def _field_comments() -> Dict[str, str]:
+    """The trailing ``# comment`` of each DistillConfig field, from its source: the help of a
+    field added without a :data:`_HELP` entry is its comment in the dataclass, never empty."""
+    import inspect
+    import re
+
+    try:
+        src = inspect.getsource(DistillConfig)
+    except (OSError, TypeError):  # no source (frozen install): fall back to the field name
+        return {}
+    pat = re.compile(r"^\s+(\w+)\s*:[^=#]+=[^#]*#\s*(.+?)\s*$")
+    return {m.group(1): m.group(2) for m in map(pat.match, src.splitlines()) if m}
+
+
 def _base_type(tp):
     """int for Optional[int], etc."""
     if typing.get_origin(tp) is typing.Union:
@@ -111,6 +125,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One option per DistillConfig field; default SUPPRESS so we know what was given."""
     hints = typing.get_type_hints(DistillConfig)
     choices = _registries()
+    comments = _field_comments()
     group = p.add_argument_group("distillation settings (defaults from DistillConfig)")
     excl = group.add_mutually_exclusive_group()
     for f in dataclasses.fields(DistillConfig):
@@ -118,7 +133,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         tp = _base_type(hints[f.name])
         kw: Dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                              "help": f"{_HELP.get(f.name, f.name)} (default: {default})"}
+                              "help": f"{_HELP.get(f.name) or comments.get(f.name, f.name)} (default: {default})"}
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif tp is tuple or typing.get_origin(tp) is tuple:
