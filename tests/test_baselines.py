@@ -173,3 +173,17 @@ def test_bad_inputs_raise_clear_errors():
         evaluate_training_baseline("b", m, one, x, y, [m.init()], lr_grid=(), epoch_grid=(1,))
     with pytest.raises(ShapeError, match="no baseline sets"):
         evaluate_training_baseline("b", m, [], x, y, [m.init()])
+
+
+def test_repro_table_marks_unrun_settings_and_renders_records(tmp_path):
+    import json
+
+    from fastdistill.repro import SETTINGS, render_table
+    rec = {"key": "mnist-knn-random", "mean": 0.7245, "std": 0.0083, "n_models": 0, "n_sets": 2,
+           "protocol": "k-NN test", "wall_s": 8.0, "scale": "reduced", "machine": "box (2 cores)"}
+    (tmp_path / "mnist-knn-random.json").write_text(json.dumps(rec))
+    md = render_table(tmp_path)
+    row = next(line for line in md.splitlines() if "k-NN with 10 random real" in line and "| MNIST |" in line)
+    assert "| 71.5 ± 2.1 | 72.45 ± 0.83 |" in row and "| reduced |" in row and "8 s" in row
+    assert md.count("| not yet run |") == len(SETTINGS) - 1
+    assert "box (2 cores)" in md

@@ -140,3 +140,25 @@ def test_finetune_full_and_train_model_errors(pool):
         train_model(m, pool.thetas[0], x[:0], y[:0])
     th = train_model(m, pool.thetas[0], x, y, epochs=0.5, lr=0.0)
     assert torch.equal(th, pool.thetas[0]) and accuracy(m, th, x, y) > 0.3
+
+
+def _tiny_mnist_like(n=40, seed=0):
+    from fastdistill.data.datasets import DATASETS, Dataset
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    x = torch.randn(n, 1, 28, 28, generator=g) + y.view(-1, 1, 1, 1) / 3
+    return Dataset(DATASETS["mnist"], x, y, x[:20].clone(), y[:20].clone(), "synthetic")
+
+
+def test_pretrain_command_writes_a_loadable_pool(tmp_path, monkeypatch, capsys):
+    import fastdistill.data as data
+    from fastdistill.cli import main
+    monkeypatch.setattr(data, "load_dataset", lambda name, root=None: _tiny_mnist_like())
+    out = tmp_path / "pools" / "m.pt"
+    assert main(["pretrain", "mnist", "--n", "2", "--epochs", "0.5", "--batch", "20", "--out", str(out)]) == 0
+    pool = load_pool(out)
+    assert len(pool) == 2 and pool.meta["dataset"] == "mnist" and pool.meta["model"] == "lenet"
+    assert pool.build_model().num_params == pool.thetas.shape[1] == 61706
+    assert "pool of 2 lenet models" in capsys.readouterr().out
+    assert main(["pretrain", "mnist", "--n", "0", "--out", str(out)]) == 2
+    assert "at least one model" in capsys.readouterr().err
