@@ -369,7 +369,8 @@ def make_grid_image(data: Tensor, labels: Tensor, lrs: Tensor, *, mean=None, std
         data: x̃, ``[S, n, C, H, W]``, normalised; shown as ``x·std + mean`` clipped to [0, 1]
             (each image stretched to its own range when ``mean``/``std`` are None). C = 1 is
             grey, C = 3 RGB, other C show channel 0.
-        labels: ``[S, n]`` class indices, or ``[S, n, classes]`` soft labels (their argmax is shown).
+        labels: ``[S, n]`` class indices, or ``[S, n, classes]`` soft labels (each tile is
+            captioned with its top-3 classes, strongest first; one-logit models: ỹ > 0.5).
         lrs: η, ``[T]`` with ``T = S·E``; row s is titled with η_{s}, η_{S+s}, …, η_{(E−1)S+s},
             the rates its images are trained with in each of the E epochs.
         class_names: tile captions (default: the class index).
@@ -385,8 +386,11 @@ def make_grid_image(data: Tensor, labels: Tensor, lrs: Tensor, *, mean=None, std
     draw = ImageDraw.Draw(img)
     font, greek = _font()
     pix = _to_uint8(data.reshape(S * n, C, H, W), mean, std).reshape(S, n, H, W, C)
+    top3 = None
     if labels.dim() == 3:  # soft labels: the strongest class (one-logit models: ỹ > 0.5)
         cls = (labels[..., 0] > 0.5).long() if labels.shape[-1] == 1 else labels.argmax(-1)
+        if labels.shape[-1] > 1:  # SLDD: caption each image with its top-3 classes
+            top3 = labels.detach().topk(min(3, labels.shape[-1]), dim=-1).indices
     else:
         cls = labels
     row_w = g["width"] - 2 * GRID_PAD
@@ -402,7 +406,10 @@ def make_grid_image(data: Tensor, labels: Tensor, lrs: Tensor, *, mean=None, std
             img.paste(tile, (x0, y0 + GRID_HEADER))
             k = int(cls[s, j])
             name = class_names[k] if class_names is not None and k < len(class_names) else str(k)
-            cap = _fit(draw, name if name == str(k) else f"{k} {name}", font, g["tile_w"])
+            cap = name if name == str(k) else f"{k} {name}"
+            if top3 is not None:
+                cap = " ".join(str(int(c)) for c in top3[s, j])
+            cap = _fit(draw, cap, font, g["tile_w"])
             draw.text((x0, y0 + GRID_HEADER + g["tile_h"] + 1), cap, fill="black", font=font)
     return img
 
