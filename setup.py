@@ -92,17 +92,21 @@ def _extension_config():
             self.build_temp = os.path.join(HERE, "build", "temp-fastdistill")
 
         def build_extensions(self):
+            self._failed = []
             try:  # the compiler/ABI probes live here, before any single extension is built
                 super().build_extensions()
             except Exception as exc:  # noqa: BLE001
                 self._fallback(exc)
-                self.extensions = []
+                self._failed = list(self.extensions)
+            # Forget what failed, or the editable/wheel step tries to copy a missing library.
+            self.extensions = [e for e in self.extensions if e not in self._failed]
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:  # noqa: BLE001
                 self._fallback(exc)
+                self._failed.append(ext)
             else:
                 _say(f"built {ext.name} from {len(ext.sources)} sources", status=True)
 

@@ -59,7 +59,6 @@ fi
 # directories, so plain .py edits need no reinstall.
 fingerprint() {
     {
-        echo "require_ext=$FASTDISTILL_REQUIRE_EXT"
         "$PY" -c 'import sys; from importlib.metadata import version; print(version("torch"), sys.version)'
         find setup.py pyproject.toml csrc -type f 2>/dev/null | LC_ALL=C sort | xargs sha256sum
         # new packages/subpackages must be registered with the editable finder
