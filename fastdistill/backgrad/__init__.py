@@ -4,7 +4,9 @@ One entry point, :func:`meta_gradient`, and a registry of strategies that differ
 they bring θ_t back during the reverse pass (ALGORITHMS.md §4):
 
 * ``autograd`` -- the full graph (the oracle; memory grows with T × graph);
-* ``stored`` -- θ_t kept per step, each step recomputed in reverse (memory T·P + one step).
+* ``stored`` -- θ_t kept per step, each step recomputed in reverse (memory T·P + one step);
+* ``checkpointed`` -- θ at a few snapshots, segments recomputed (uniform √T or binomial
+  "revolve" schedules, chosen by a memory budget).
 
 Every strategy returns the same :class:`MetaGradient` and must agree with ``autograd`` to
 float64 round-off.
@@ -18,6 +20,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from ..models.base import FunctionalModel
 from .autograd import autograd_strategy
+from .checkpointed import checkpointed_strategy
 from .common import InnerProblem, MetaGradient, inner_loss, make_outer_loss
 from .stored import stored_strategy
 
@@ -28,6 +31,7 @@ __all__ = ["meta_gradient", "STRATEGIES", "register_strategy", "InnerProblem", "
 STRATEGIES: Dict[str, Callable[..., MetaGradient]] = {
     "autograd": autograd_strategy,
     "stored": stored_strategy,
+    "checkpointed": checkpointed_strategy,
 }
 
 
