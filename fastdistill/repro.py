@@ -2,7 +2,7 @@
 next to the paper's number, with the protocol, the number of held-out models and the wall time.
 
 Each setting runs on its own and leaves ``<results>/<key>.json`` (plus the distilled set
-``<key>.pt`` and, for long runs, a resumable checkpoint ``<key>.ckpt``); ``table`` renders
+``<key>.pt`` and, for distillations, a resumable checkpoint ``<key>.<scale>.ckpt``); ``table`` renders
 whatever has been measured and marks the rest "not yet run". Nothing is estimated or copied:
 a cell holds a number only when a run produced it, and the run's scale is printed beside it.
 
@@ -51,13 +51,13 @@ DEFAULT_RESULTS = "runs/repro"
 #: what every scale changes; everything else is fixed by the setting
 SCALES: Dict[str, Dict[str, Any]] = {
     "paper": dict(iterations=None, eval_models=200, sets=10, select_models=20, select_sets=2,
-                  select_test=None, n_nets=4, pool_n=2200, pool_heldout=200, pool_epochs=1.0,
+                  select_test=None, report_test=None, n_nets=4, pool_n=2200, pool_heldout=200, pool_epochs=1.0,
                   opt_candidates=50, opt_keep=10, opt_score_models=20, finetune_models=20,
                   finetune_epochs=1.0),
-    "reduced": dict(iterations=30, eval_models=5, sets=2, select_models=3, select_sets=1,
-                    select_test=2000, n_nets=2, pool_n=12, pool_heldout=4, pool_epochs=0.1,
-                    opt_candidates=6, opt_keep=2, opt_score_models=3, finetune_models=2,
-                    finetune_epochs=0.1),
+    "reduced": dict(iterations=20, eval_models=3, sets=2, select_models=2, select_sets=1,
+                    select_test=1000, report_test=2000, n_nets=2, pool_n=6, pool_heldout=3,
+                    pool_epochs=0.05, opt_candidates=4, opt_keep=2, opt_score_models=2,
+                    finetune_models=2, finetune_epochs=0.05),
 }
 
 ATTACK = (1, 7)  # attacked class K, target class T (MNIST: "1" → "7")
@@ -186,6 +186,7 @@ class Context:
         self.results, self.scale, self.sc, self.seed = Path(results), scale, SCALES[scale], seed
         self.results.mkdir(parents=True, exist_ok=True)
         self.say = progress
+        self.force = False
         self._data: Dict[str, Any] = {}
 
     def data(self, name: str):
@@ -193,6 +194,13 @@ class Context:
             from .data import load_dataset
             self._data[name] = load_dataset(name)
         return self._data[name]
+
+    def test(self, ds) -> Tuple[torch.Tensor, torch.Tensor, str]:
+        """The reported test images: all, or the first ``report_test`` (reduced scale)."""
+        n = self.sc["report_test"]
+        if not n:
+            return ds.test_x, ds.test_y, ""
+        return ds.test_x[:n], ds.test_y[:n], f"; first {n} test images only"
 
     def model(self, ds):
         i = ds.info
@@ -223,14 +231,16 @@ def _run_pool(ctx: Context, s: Setting) -> Dict[str, Any]:
     ds = ctx.data(s.params["dataset"])
     m = ctx.model(ds)
     sc = ctx.sc
+    tx, ty, sub = ctx.test(ds)
     pool = pretrain_pool(m, ds.train_x, ds.train_y, sc["pool_n"], epochs=sc["pool_epochs"], lr=0.01,
-                         momentum=0.9, batch=64, seed=ctx.seed, test_x=ds.test_x, test_y=ds.test_y,
+                         momentum=0.9, batch=64, seed=ctx.seed, test_x=tx, test_y=ty,
                          meta={"dataset": ds.info.name},
                          progress=lambda i, a: ctx.say(f"  pool model {i + 1}/{sc['pool_n']}: {100 * a:.2f}%"))
     save_pool(pool, ctx.pool_file(s.key))
     mean, std = _ms(pool.meta["test_acc"])
     return dict(mean=mean, std=std, n_models=len(pool), protocol=(
-        f"{len(pool)} LeNets, SGD lr 0.01 momentum 0.9 batch 64, {sc['pool_epochs']} epoch(s); source test accuracy"))
+        f"{len(pool)} LeNets, SGD lr 0.01 momentum 0.9 batch 64, {sc['pool_epochs']} epoch(s); source test "
+        f"accuracy{sub}"))
 
 
 def _pool_for(ctx: Context, s: Setting):
@@ -253,7 +263,9 @@ def _run_distill(ctx: Context, s: Setting) -> Dict[str, Any]:
     cfg = DistillConfig(**kw)
     m = ctx.model(ds)
     d = Distiller(cfg, ds.train_x, ds.train_y, ds.info.num_classes, model=m)
-    ck = ctx.path(s.key, "ckpt")
+    ck = ctx.path(s.key, f"{ctx.scale}.ckpt")
+    if ck.exists() and ctx.force:
+        ck.unlink()
     if ck.exists():
         d.load_checkpoint(ck)
         ctx.say(f"  resumed at iteration {d.iteration}")
@@ -264,22 +276,23 @@ def _run_distill(ctx: Context, s: Setting) -> Dict[str, Any]:
     torch.save({"data": r.data, "labels": r.labels, "lrs": r.lrs, "config": cfg.to_dict()},
                ctx.path(s.key, "pt"))
     thetas = evaluation_inits(cfg, m, sc["eval_models"], theta0=r.theta0)
+    tx, ty, sub = ctx.test(ds)
     iters = f"{d.iterations} iterations" + ("" if sc["iterations"] is None else " (reduced)")
     if cfg.objective == "poison":
         K, T = cfg.attack_class, cfg.target_class
-        rep = evaluate_attack(m, r.data, r.labels, r.lrs, ds.test_x, ds.test_y, thetas, K, T).summary()
+        rep = evaluate_attack(m, r.data, r.labels, r.lrs, tx, ty, thetas, K, T).summary()
         return dict(mean=rep["acc_modified_after_mean"], std=rep["acc_modified_after_std"],
                     k_to_t=rep["k_to_t_after_mean"], k_to_t_std=rep["k_to_t_after_std"],
                     before=rep["acc_modified_before_mean"], n_models=len(thetas), distill_s=d.elapsed,
                     protocol=f"{iters}, n_nets {cfg.n_nets}; accuracy w.r.t. modified labels (and {K}→{T} "
-                             f"rate) after 1 step on held-out pool models")
-    rep = evaluate_distilled(m, r.data, r.labels, r.lrs, ds.test_x, ds.test_y, thetas)
+                             f"rate) after 1 step on held-out pool models{sub}")
+    rep = evaluate_distilled(m, r.data, r.labels, r.lrs, tx, ty, thetas)
     sm = rep.summary()
     held = "the distillation θ_0" if cfg.fixed_init else "held-out models"
     return dict(mean=sm["acc_after_mean"], std=sm["acc_after_std"], before=sm["acc_before_mean"],
                 n_models=rep.n_models, distill_s=d.elapsed,
                 protocol=f"DD protocol: {iters}" + (f", n_nets {cfg.n_nets}" if not cfg.fixed_init else "")
-                         + f"; test accuracy after the distilled steps on {held}")
+                         + f"; test accuracy after the distilled steps on {held}{sub}")
 
 
 def _eval_thetas(ctx: Context, s: Setting, m, n: int, select: bool):
@@ -326,21 +339,22 @@ def _run_baseline(ctx: Context, s: Setting) -> Dict[str, Any]:
     extra = ""
     if method == "optimized":
         # score candidate sets with the best setting of random real (the paper does not say which)
+        sx, sy = sel_test if sel_test is not None else (ds.test_x, ds.test_y)
         rr = B.evaluate_training_baseline("random real", m,
                                           _baseline_sets(ctx, ds, "random", p["per_class"], p["steps"], sc["select_sets"]),
-                                          ds.test_x, ds.test_y, sel, learned_lrs=learned,
-                                          select_test=sel_test, select_theta0s=sel)
+                                          sx, sy, sel, learned_lrs=learned)
         sets = _baseline_sets(ctx, ds, method, p["per_class"], p["steps"], 0, m,
                               score_thetas=sel[:sc["opt_score_models"]], choice=rr.choice, learned=learned)
         extra = (f"; {sc['opt_keep']} best of {sc['opt_candidates']} random sets scored on "
                  f"{min(len(sel), sc['opt_score_models'])} models × 1024 training images with {rr.choice}")
     else:
         sets = _baseline_sets(ctx, ds, method, p["per_class"], p["steps"], sc["sets"])
-    res = B.evaluate_training_baseline(s.title, m, sets, ds.test_x, ds.test_y, thetas, learned_lrs=learned,
+    tx, ty, sub = ctx.test(ds)
+    res = B.evaluate_training_baseline(s.title, m, sets, tx, ty, thetas, learned_lrs=learned,
                                        select_theta0s=sel, select_sets=sc["select_sets"], select_test=sel_test)
     lr_note = "" if learned is not None else "; 'learned' rate option omitted (no distilled run yet)"
     return dict(mean=res.mean, std=res.std, n_models=res.n_models, n_sets=res.n_sets, choice=res.choice,
-                grid=res.grid, protocol=res.protocol + extra + lr_note)
+                grid=res.grid, protocol=res.protocol + extra + lr_note + sub)
 
 
 def _run_knn(ctx: Context, s: Setting) -> Dict[str, Any]:
@@ -356,9 +370,10 @@ def _run_noadapt(ctx: Context, s: Setting) -> Dict[str, Any]:
     ds = ctx.data(s.params["dataset"])
     m = ctx.model(ds)
     ths = _eval_thetas(ctx, s, m, ctx.sc["eval_models"], select=False)
-    accs = [accuracy(m, th, ds.test_x, ds.test_y) for th in ths]
+    tx, ty, sub = ctx.test(ds)
+    accs = [accuracy(m, th, tx, ty) for th in ths]
     mean, std = _ms(accs)
-    return dict(mean=mean, std=std, n_models=len(accs), protocol="held-out source models, target test set")
+    return dict(mean=mean, std=std, n_models=len(accs), protocol="held-out source models, target test set" + sub)
 
 
 def _run_finetune(ctx: Context, s: Setting) -> Dict[str, Any]:
@@ -366,11 +381,12 @@ def _run_finetune(ctx: Context, s: Setting) -> Dict[str, Any]:
     m = ctx.model(ds)
     sc = ctx.sc
     ths = _eval_thetas(ctx, s, m, sc["finetune_models"], select=False)
-    r = finetune_full(m, ths, ds.train_x, ds.train_y, ds.test_x, ds.test_y, epochs=sc["finetune_epochs"],
+    tx, ty, sub = ctx.test(ds)
+    r = finetune_full(m, ths, ds.train_x, ds.train_y, tx, ty, epochs=sc["finetune_epochs"],
                       lr=0.01, momentum=0.9, batch=64, seed=ctx.seed)
     return dict(mean=r["acc_after_mean"], std=r["acc_after_std"], n_models=r["n_models"],
                 protocol=f"SGD lr 0.01 momentum 0.9 batch 64, {sc['finetune_epochs']} epoch(s) on all target "
-                         "training images, from held-out source models")
+                         "training images, from held-out source models" + sub)
 
 
 def _run_attack_baseline(ctx: Context, s: Setting) -> Dict[str, Any]:
@@ -381,7 +397,8 @@ def _run_attack_baseline(ctx: Context, s: Setting) -> Dict[str, Any]:
     sets = [(d, relabel(l, K, T)) for d, l in _baseline_sets(ctx, ds, p["method"], 1, 1, sc["sets"])]
     thetas = _eval_thetas(ctx, s, m, sc["eval_models"], select=False)
     sel = _eval_thetas(ctx, s, m, sc["select_models"], select=True)
-    out = best_poison_baseline(m, sets, ds.test_x, ds.test_y, thetas, K, T, B.LR_GRID,
+    tx, ty, sub = ctx.test(ds)
+    out = best_poison_baseline(m, sets, tx, ty, thetas, K, T, B.LR_GRID,
                                select_theta0s=sel, select_sets=sc["select_sets"])
     if out["report"] is None:
         return dict(mean=float("nan"), std=float("nan"), n_models=len(thetas), n_sets=len(sets),
@@ -392,7 +409,7 @@ def _run_attack_baseline(ctx: Context, s: Setting) -> Dict[str, Any]:
                 n_sets=len(sets), choice={"lr": out["lr"]}, grid=out["grid"],
                 protocol=f"1 GD step; lr ∈ {list(B.LR_GRID)} with the highest accuracy w.r.t. modified labels "
                          f"among rates sending ≥ 10 % of class {K} to {T} (paper rule), chosen on "
-                         f"{out['selected_on']} pool models of the distillation split; reported on held-out ones")
+                         f"{out['selected_on']} pool models of the distillation split; reported on held-out ones{sub}")
 
 
 RUNNERS = {"pool": _run_pool, "distill": _run_distill, "baseline": _run_baseline, "knn": _run_knn,
@@ -419,6 +436,7 @@ def run_setting(ctx: Context, key: str, *, force: bool = False, _stack: Tuple[st
             run_setting(ctx, dep, _stack=_stack + (key,))
     ctx.say(f"[{key}] {s.title} ({ctx.scale} scale)")
     t0 = time.perf_counter()
+    ctx.force = force
     rec = RUNNERS[s.kind](ctx, s)
     rec.update(key=key, scale=ctx.scale, wall_s=time.perf_counter() - t0, machine=_machine(),
                date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(["python -m fastdistill.repro"] + sys.argv[1:]))

@@ -7,8 +7,8 @@
 #   ONLY="mnist-knn-random mnist-average" bash scripts/reproduce.sh
 #
 # Records go to $RESULTS (default runs/repro, git-ignored); each setting writes <key>.json and is
-# skipped when a record of the same scale exists, distillations checkpoint to <key>.ckpt every
-# 200 iterations and resume after an interruption. The table is rendered to $OUT (default
+# skipped when a record of the same scale exists; distillations checkpoint to <key>.<scale>.ckpt
+# every 200 iterations and resume after an interruption. The table is rendered to $OUT (default
 # runs/repro/TABLE.md) from whatever has been measured; the rest reads "not yet run".
 #
 # Exact settings (paper scale; see fastdistill/repro.py for the code):
