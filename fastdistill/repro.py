@@ -417,9 +417,11 @@ RUNNERS = {"pool": _run_pool, "distill": _run_distill, "baseline": _run_baseline
 
 
 def _machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.node()} ({os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads, load {load:.1f} at start)")
+    return f"{platform.node()} ({os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads)"
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else float("nan")
 
 
 def run_setting(ctx: Context, key: str, *, force: bool = False, _stack: Tuple[str, ...] = ()) -> Dict[str, Any]:
@@ -435,10 +437,10 @@ def run_setting(ctx: Context, key: str, *, force: bool = False, _stack: Tuple[st
         if (have is None or have.get("scale") != ctx.scale) and dep not in _stack:
             run_setting(ctx, dep, _stack=_stack + (key,))
     ctx.say(f"[{key}] {s.title} ({ctx.scale} scale)")
-    t0 = time.perf_counter()
+    t0, load = time.perf_counter(), _load()
     ctx.force = force
     rec = RUNNERS[s.kind](ctx, s)
-    rec.update(key=key, scale=ctx.scale, wall_s=time.perf_counter() - t0, machine=_machine(),
+    rec.update(key=key, scale=ctx.scale, wall_s=time.perf_counter() - t0, machine=_machine(), load=load,
                date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(["python -m fastdistill.repro"] + sys.argv[1:]))
     ctx.path(key, "json").write_text(json.dumps(rec, indent=1, default=str))
     ctx.say(f"[{key}] {_fmt(rec)} in {rec['wall_s']:.0f} s")
@@ -467,7 +469,7 @@ def render_table(results: Path) -> str:
     ctx_results = Path(results)
     lines = ["| group | setting | paper (%) | ours (%) | protocol | held-out models | wall time | scale |",
              "|---|---|---|---|---|---|---|---|"]
-    machines = set()
+    machines, loads = set(), []
     for s in SETTINGS.values():
         p = ctx_results / f"{s.key}.json"
         if not p.exists():
@@ -475,8 +477,9 @@ def render_table(results: Path) -> str:
             continue
         rec = json.loads(p.read_text())
         machines.add(rec.get("machine", "?"))
-        n = rec.get("n_models", 0)
-        held = (f"{n}" if n else "—") + (f" × {rec['n_sets']} sets" if rec.get("n_sets", 1) > 1 else "")
+        loads.append(rec.get("load", float("nan")))
+        n, sets = rec.get("n_models", 0), rec.get("n_sets", 1)
+        held = (f"{n}" + (f" × {sets} sets" if sets > 1 else "")) if n else f"none ({sets} reference sets)"
         lines.append(f"| {s.group} | {s.title} | {s.paper} | {_fmt(rec)} | {rec['protocol']} | {held} | "
                      f"{_wall(rec['wall_s'])} | {rec['scale']} |")
     head = ["# Reproduction table", "",
@@ -485,7 +488,9 @@ def render_table(results: Path) -> str:
             "not the paper's protocol; \"not yet run\" rows have no measurement (their expected wall "
             "time at paper scale is given instead). Means ± population std in %.", ""]
     if machines:
-        head += ["Machines: " + "; ".join(sorted(machines)), ""]
+        known = [v for v in loads if v == v]
+        load = f"; 1-min load average {min(known)}–{max(known)} when the runs started" if known else ""
+        head += ["Machine: " + "; ".join(sorted(machines)) + load + ".", ""]
     return "\n".join(head + lines) + "\n"
 
 

@@ -180,7 +180,7 @@ def test_repro_table_marks_unrun_settings_and_renders_records(tmp_path):
 
     from fastdistill.repro import SETTINGS, render_table
     rec = {"key": "mnist-knn-random", "mean": 0.7245, "std": 0.0083, "n_models": 0, "n_sets": 2,
-           "protocol": "k-NN test", "wall_s": 8.0, "scale": "reduced", "machine": "box (2 cores)"}
+           "protocol": "k-NN test", "wall_s": 8.0, "scale": "reduced", "machine": "box (2 cores)", "load": 3.5}
     (tmp_path / "mnist-knn-random.json").write_text(json.dumps(rec))
     md = render_table(tmp_path)
     row = next(line for line in md.splitlines() if "k-NN with 10 random real" in line and "| MNIST |" in line)
