@@ -6,7 +6,9 @@ they bring θ_t back during the reverse pass (ALGORITHMS.md §4):
 * ``autograd`` -- the full graph (the oracle; memory grows with T × graph);
 * ``stored`` -- θ_t kept per step, each step recomputed in reverse (memory T·P + one step);
 * ``checkpointed`` -- θ at a few snapshots, segments recomputed (uniform √T or binomial
-  "revolve" schedules, chosen by a memory budget).
+  "revolve" schedules, chosen by a memory budget);
+* ``reversible`` -- momentum SGD in exactly reversible fixed point (memory O(P) + an
+  information buffer of ~log2(1/β) bits per parameter per step).
 
 Every strategy returns the same :class:`MetaGradient` and must agree with ``autograd`` to
 float64 round-off.
@@ -22,16 +24,19 @@ from ..models.base import FunctionalModel
 from .autograd import autograd_strategy
 from .checkpointed import checkpointed_strategy
 from .common import InnerProblem, MetaGradient, inner_loss, make_outer_loss
+from .fixedpoint import FixedPointOverflowError, ReversibilityError
+from .reversible import reversible_strategy
 from .stored import stored_strategy
 
 __all__ = ["meta_gradient", "STRATEGIES", "register_strategy", "InnerProblem", "MetaGradient",
-           "inner_loss", "make_outer_loss"]
+           "inner_loss", "make_outer_loss", "FixedPointOverflowError", "ReversibilityError"]
 
 #: name -> fn(problem, theta0, outer_loss, *, need_data, need_labels, need_theta0) -> MetaGradient
 STRATEGIES: Dict[str, Callable[..., MetaGradient]] = {
     "autograd": autograd_strategy,
     "stored": stored_strategy,
     "checkpointed": checkpointed_strategy,
+    "reversible": reversible_strategy,
 }
 
 
