@@ -8,7 +8,8 @@ they bring θ_t back during the reverse pass (ALGORITHMS.md §4):
 * ``checkpointed`` -- θ at a few snapshots, segments recomputed (uniform √T or binomial
   "revolve" schedules, chosen by a memory budget);
 * ``reversible`` -- momentum SGD in exactly reversible fixed point (memory O(P) + an
-  information buffer of ~log2(1/β) bits per parameter per step).
+  information buffer of ~log2(1/β) bits per parameter per step);
+* ``auto`` -- the fastest of these whose estimated memory fits a budget.
 
 Every strategy returns the same :class:`MetaGradient` and must agree with ``autograd`` to
 float64 round-off.
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from ..models.base import FunctionalModel
+from .auto import auto_strategy
 from .autograd import autograd_strategy
 from .checkpointed import checkpointed_strategy
 from .common import InnerProblem, MetaGradient, inner_loss, make_outer_loss
@@ -37,6 +39,7 @@ STRATEGIES: Dict[str, Callable[..., MetaGradient]] = {
     "stored": stored_strategy,
     "checkpointed": checkpointed_strategy,
     "reversible": reversible_strategy,
+    "auto": auto_strategy,
 }
 
 
