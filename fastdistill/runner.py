@@ -355,7 +355,7 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
         n_periodic = min(cfg.eval_models, PERIODIC_EVAL_MODELS)
 
         def periodic(d: Distiller) -> Dict[str, float]:
-            rep = _eval(model, cfg, d.data.detach(), d.labels, d.lrs(), d.betas(), d.theta0,
+            rep = _eval(model, cfg, d.data.detach(), d.train_labels(), d.lrs(), d.betas(), d.theta0,
                         test_x, test_y, n_periodic)
             s = rep.summary()
             return {"eval_acc": s["acc_after_mean"], "eval_acc_std": s["acc_after_std"],

@@ -10,6 +10,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The suite's tensors are tiny: on the 2-core CI machine (often shared) two intra-op threads
+# make small ops 10-20x slower than one. FASTDISTILL_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("FASTDISTILL_TEST_THREADS", "1")))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ShapeError
 from .base import FunctionalModel
 
 __all__ = ["LeNet", "AlexCifarNet", "LeNetModule", "AlexCifarNetModule"]
@@ -21,7 +22,7 @@ class LeNet(FunctionalModel):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28):
         if image_size not in (28, 32):
-            raise ValueError("LeNet takes 28 or 32 pixel inputs")
+            raise ShapeError(f"LeNet takes 28 or 32 pixel inputs, got {image_size}")
         self.num_classes = num_classes
         self.num_outputs = 1 if num_classes == 2 else num_classes
         self.input_shape = (in_channels, image_size, image_size)
@@ -55,7 +56,7 @@ class AlexCifarNet(FunctionalModel):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, image_size: int = 32):
         if image_size != 32:
-            raise ValueError("AlexCifarNet takes 32 pixel inputs")
+            raise ShapeError(f"AlexCifarNet takes 32 pixel inputs, got {image_size}")
         self.num_classes = num_classes
         self.num_outputs = 1 if num_classes == 2 else num_classes
         self.input_shape = (in_channels, 32, 32)
