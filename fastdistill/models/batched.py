@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
+from ..ops.im2col5 import col2im5, im2col5
+from ..ops.pool2_relu import pool2_relu, pool2_relu_backward, pool2_relu_tangent
 from .base import FunctionalModel
 from .lenet import AlexCifarNet, LeNet
 
@@ -212,43 +214,15 @@ class AutogradBatchedEngine:
         return g.detach(), hv, gx, gy
 
 
-def _im2col(a: Tensor, pad: int) -> Tensor:
-    """5×5 patches of ``a [B, C, M, H, W]`` (M images per plane): ``[B, C·25, M·H'·W']``.
-
-    Rows are (c, i, j) -- the flattening order of a conv weight ``[out, C, 5, 5]`` -- and columns
-    (image, y, x). Built from strided views and one copy (PyTorch's ``F.unfold`` is several
-    times slower at these sizes).
-    """
-    if pad:
-        a = F.pad(a, (pad, pad, pad, pad))
-    B, C, M = a.shape[:3]
-    u = a.unfold(3, 5, 1).unfold(4, 5, 1)                                # [B, C, M, H', W', 5, 5]
-    return u.permute(0, 1, 5, 6, 2, 3, 4).reshape(B, C * 25, M * u.shape[3] * u.shape[4])
-
-
-def _col2im(d: Tensor, C: int, M: int, H: int, W: int, pad: int,
-            out: Optional[Tensor] = None) -> Tensor:
-    """Adjoint of :func:`_im2col`: ``[B, C·25, M·H'·W'] -> [B, C, M, H, W]`` by 25 shifted adds
-    (a fixed order, so the result is deterministic). ``out`` (zeros, ``[B, C, M, H+2p, W+2p]``,
-    may be a view) receives the sum in place."""
-    B = d.shape[0]
-    Hp, Wp = H + 2 * pad, W + 2 * pad
-    Ho, Wo = Hp - 4, Wp - 4
-    d = d.reshape(B, C, 5, 5, M, Ho, Wo)
-    if out is None:
-        out = torch.zeros((B, C, M, Hp, Wp), dtype=d.dtype, device=d.device)
-    for i in range(5):
-        for j in range(5):
-            out[..., i:i + Ho, j:j + Wo] += d[:, :, i, j]
-    return out[..., pad:pad + H, pad:pad + W] if pad else out
-
-
 class LeNetBatchedEngine:
     """LeNet's gradient and second-order pass for K networks, written out layer by layer.
 
     Layout: activations are network-major (``[K, C, n, H, W]`` for the convolutions, ``[K, F, n]``
     for the linear layers) so every layer is a GEMM batched over K (im2col for the convolutions;
-    conv1 on shared images is a single GEMM for all networks). Max-pool and ReLU run as
+    conv1 on shared images is a single GEMM for all networks). The memory-bound passes between
+    the GEMMs are the ops :func:`~fastdistill.ops.im2col5` / ``col2im5`` and
+    :func:`~fastdistill.ops.pool2_relu` (+ tangent, backward), which run on the C++ backend when
+    the extension is built (``_backend``'s choice, recorded per op). Max-pool and ReLU run as
     pool-then-ReLU (equal values and, with PyTorch's first-maximum rule, equal subgradients) and
     the bias is added after the pool (a per-channel constant does not move the maximum).
 
@@ -278,35 +252,6 @@ class LeNetBatchedEngine:
         return [p[0].reshape(K, 6, self.C * 25), p[1], p[2].reshape(K, 16, 150), p[3],
                 p[4].reshape(K, 120, 400), p[5], p[6].reshape(K, 84, 120), p[7],
                 p[8].reshape(K, self.O, 84), p[9]]
-
-    # -- pooling -----------------------------------------------------------------------------
-    @staticmethod
-    def _pool(z: Tensor, planes: int, n: int, side: int, b: Tensor, out: Optional[Tensor] = None):
-        """2×2 max-pool + bias + ReLU of ``[planes, n·side²]`` -> (a, indices, mask), ``[planes, n, ·]``
-        (``a`` written into ``out``, a view of that shape, when given)."""
-        p, idx = F.max_pool2d(z.reshape(planes, n, side, side), 2, return_indices=True)
-        p = p.reshape(planes, n, -1) + b.reshape(planes, 1, 1)
-        mask = p > 0
-        idx = idx.reshape(planes, n, -1)
-        if out is None:
-            return p * mask, idx, mask
-        return torch.mul(p.view(out.shape), mask.view(out.shape), out=out), idx, mask
-
-    @staticmethod
-    def _pool_tangent(zd: Tensor, idx: Tensor, mask: Tensor, bd: Tensor,
-                      out: Optional[Tensor] = None) -> Tensor:
-        planes, n = idx.shape[:2]
-        pd = zd.reshape(planes, n, -1).gather(2, idx) + bd.reshape(planes, 1, 1)
-        if out is None:
-            return pd * mask
-        return torch.mul(pd.view(out.shape), mask.view(out.shape), out=out)
-
-    @staticmethod
-    def _unpool(d: Tensor, idx: Tensor, side: int) -> Tensor:
-        """Adjoint of the pool's selection: ``d [S, planes, n, q]`` (already masked) scattered to
-        ``[S, planes, n, side²]``; 2×2 windows do not overlap, so no position is written twice."""
-        out = torch.zeros(tuple(d.shape[:3]) + (side * side,), dtype=d.dtype, device=d.device)
-        return out.scatter_(3, idx.unsqueeze(0).expand_as(d), d)
 
     # -- the loss ----------------------------------------------------------------------------
     def _labels(self, y: Tensor, n: int, dtype) -> Tensor:
@@ -356,24 +301,24 @@ class LeNetBatchedEngine:
         # conv1: rows (s, k, c_out); the tangent has no ẋ (v moves θ only)
         w1 = torch.stack([W[0], V[0]]) if tan else W[0].unsqueeze(0)     # [S, K, 6, C·25]
         if shared:
-            X = _im2col(x.transpose(0, 1).unsqueeze(0), self.model.pad)[0]   # [C·25, n·784]
+            X = im2col5(x.transpose(0, 1).unsqueeze(0), self.model.pad)[0]   # [C·25, n·784]
             Z = w1.reshape(S * K * 6, -1) @ X
         else:
-            X = _im2col(x.transpose(1, 2), self.model.pad)                   # [K, C·25, n·784]
+            X = im2col5(x.transpose(1, 2), self.model.pad)                   # [K, C·25, n·784]
             Z = torch.bmm(w1.transpose(0, 1).reshape(K, S * 6, -1), X)
             Z = Z.reshape(K, S, 6, -1).transpose(0, 1).reshape(S * K * 6, -1)
         c["X"] = X
-        A = torch.empty((K, S * 6, n, 14, 14), dtype=Z.dtype, device=Z.device)  # [a1 | ȧ1]
-        view = lambda s: A[:, 6 * s:6 * s + 6].view(K, 6, n, 196)  # noqa: E731
-        _, i1, m1 = self._pool(Z[:K * 6], K * 6, n, 28, W[1], out=view(0))
-        if tan:
-            self._pool_tangent(Z[K * 6:], i1, m1, V[1], out=view(1))
-        c.update(i1=i1, m1=m1)
-        U = _im2col(A, 0)                                               # [K, S·150, n·100]
+        a1, i1 = pool2_relu(Z[:K * 6].view(K * 6, n, 28, 28), W[1].reshape(-1))  # [K·6, n, 14, 14]
+        A = a1.view(K, 6, n, 14, 14)
+        if tan:  # [a1 | ȧ1] stacked by channel: one im2col feeds both conv2 GEMMs
+            a1d = pool2_relu_tangent(Z[K * 6:].view(K * 6, n, 28, 28), V[1].reshape(-1), i1, a1)
+            A = torch.cat([A, a1d.view(K, 6, n, 14, 14)], 1)
+        c.update(a1=a1, i1=i1)
+        U = im2col5(A, 0)                                               # [K, S·150, n·100]
         c["U"] = U
         z2 = torch.bmm(W[2], U[:, :150])                                # [K, 16, n·100]
-        a2, i2, m2 = self._pool(z2, K * 16, n, 10, W[3])
-        c.update(i2=i2, m2=m2)
+        a2, i2 = pool2_relu(z2.view(K * 16, n, 10, 10), W[3].reshape(-1))
+        c.update(a2=a2, i2=i2)
         flat = lambda a: a.reshape(K, 16, n, 25).transpose(2, 3).reshape(K, 400, n)  # noqa: E731
         f0 = flat(a2)
         h1 = torch.relu(torch.baddbmm(W[5].unsqueeze(2), W[4], f0))
@@ -382,7 +327,7 @@ class LeNetBatchedEngine:
         c.update(f0=f0, h1=h1, h2=h2)
         if tan:
             z2d = torch.bmm(torch.cat([V[2], W[2]], 2), U)              # V2 U + W2 U̇
-            f0d = flat(self._pool_tangent(z2d, i2, m2, V[3]))
+            f0d = flat(pool2_relu_tangent(z2d.view(K * 16, n, 10, 10), V[3].reshape(-1), i2, a2))
 
             def lin_t(i, h, hd, mask):                                   # V h + W ḣ + ḃ
                 out = torch.baddbmm(V[i + 1].unsqueeze(2), torch.cat([V[i], W[i]], 2),
@@ -418,30 +363,27 @@ class LeNetBatchedEngine:
         d, dd = linear_back(8, dz, dzd, c["h2"], c.get("h2d"), c["h2"] > 0)
         d, dd = linear_back(6, d, dd, c["h1"], c.get("h1d"), c["h1"] > 0)
         d, dd = linear_back(4, d, dd, c["f0"], c.get("f0d"), None)
-        # pool2 (+bias, ReLU): [K, 400, n] -> [S, K·16, n, 25] -> pre-pool [K, S·16, n·100]
+        # pool2 (+bias, ReLU): [K, 400, n] -> [S, K·16, n, 5, 5] -> pre-pool [K, S·16, n·100]
         dp = torch.stack([d, dd]) if tan else d.unsqueeze(0)
         S = dp.shape[0]
-        dp = dp.reshape(S, K, 16, 25, n).transpose(3, 4).reshape(S, K * 16, n, 25) * c["m2"]
-        gb2 = dp.reshape(S, K, 16, -1).sum(3)
+        dp = dp.reshape(S, K, 16, 25, n).transpose(3, 4).reshape(S, K * 16, n, 5, 5)
+        dz2, gb2 = pool2_relu_backward(dp, c["i2"], c["a2"])
         g[3] = gb2[0]
-        D2 = self._unpool(dp, c["i2"], 10).reshape(S, K, 16, n * 100).transpose(0, 1)
-        D2 = D2.reshape(K, S * 16, n * 100)                             # rows: δz2 (, δż2)
+        D2 = dz2.reshape(S, K, 16, n * 100).transpose(0, 1).reshape(K, S * 16, n * 100)  # δz2 (, δż2)
         U = c["U"]
         G = torch.bmm(D2, U.transpose(1, 2))                            # [K, S·16, S·150]
         g[2] = G[:, :16, :150]
         w2t = W[2].transpose(1, 2).contiguous()
-        dA = torch.zeros((K, S * 6, n, 14, 14), dtype=D2.dtype, device=D2.device)
-        _col2im(torch.bmm(w2t, D2[:, :16]), 6, n, 14, 14, 0, out=dA[:, :6])   # Wᵀ δz2
+        dA = [col2im5(torch.bmm(w2t, D2[:, :16]), 14, 14, 0)]           # Wᵀ δz2, [K, 6, n, 14, 14]
         if tan:
             gd[3] = gb2[1]
             gd[2] = G[:, 16:, :150] + G[:, :16, 150:]                   # δż U + δz U̇
             vw = torch.cat([V[2], W[2]], 1).transpose(1, 2).contiguous()
-            _col2im(torch.bmm(vw, D2), 6, n, 14, 14, 0, out=dA[:, 6:])  # Vᵀ δz + Wᵀ δż
+            dA.append(col2im5(torch.bmm(vw, D2), 14, 14, 0))            # Vᵀ δz + Wᵀ δż
         # pool1 (+bias, ReLU) back to conv1's output, rows (s, k, c_out)
-        dA = dA.reshape(K, S, 6, n, 196).transpose(0, 1).reshape(S, K * 6, n, 196) * c["m1"]
-        gb1 = dA.reshape(S, K, 6, -1).sum(3)
+        dz1, gb1 = pool2_relu_backward(torch.stack(dA).view(S, K * 6, n, 14, 14), c["i1"], c["a1"])
         g[1] = gb1[0]
-        D1 = self._unpool(dA, c["i1"], 28).reshape(S * K * 6, n * 784)
+        D1 = dz1.view(S * K * 6, n * 784)
         X = c["X"]
         dx = None
         if c["shared"]:
@@ -463,8 +405,8 @@ class LeNetBatchedEngine:
         """im2col adjoint at the input: ``[.., C·25, n·784]`` -> the input's layout."""
         hw, pad = self.size, self.model.pad
         if shared:
-            return _col2im(dx.unsqueeze(0), self.C, n, hw, hw, pad)[0].transpose(0, 1)
-        return _col2im(dx, self.C, n, hw, hw, pad).transpose(1, 2)
+            return col2im5(dx.unsqueeze(0), hw, hw, pad)[0].transpose(0, 1)
+        return col2im5(dx, hw, hw, pad).transpose(1, 2)
 
     # -- the public interface ----------------------------------------------------------------
     def loss_grad(self, thetas: Tensor, x: Tensor, y: Tensor,

@@ -1,0 +1,224 @@
+"""Batched multi-network inner loop (issue 5 item 1) against the per-network loop, CPU.
+
+Run (the figures in ``benches/RESULTS.md`` come from this command)::
+
+    nice -n 10 .venv/bin/python -m pytest benches/bench_batched.py --benchmark-only \\
+        --benchmark-group-by=param:case --benchmark-columns=median,iqr,rounds \\
+        --benchmark-json=/tmp/batched.json
+    .venv/bin/python benches/bench_batched.py --table /tmp/batched.json   # markdown table
+
+Two cases, each with the reference beside the fast paths in one group:
+
+* ``step-K{K}`` -- one **network-step** for K networks: the forward step (``g = ∇_θ ℓ``) and the
+  reverse step (``g``, the HVP ``H λ`` and ``∇_x̃ (λ·g)``) of plain GD, LeNet, n = 10 MNIST-shaped
+  images, float32. ``reference``: K × (``stored``'s ``_grad`` + ``reverse_gd_step``), the
+  engine's per-network code; ``batched-autograd``: all K through ``batched_apply`` and double
+  backward; ``batched``: the explicit LeNet engine. Reported per network-step (÷ K) and in
+  GFLOP/s, with the FLOPs of one reference network-step counted by
+  ``torch.utils.flop_counter.FlopCounterMode`` (GEMMs and convolutions, backward included) --
+  the same useful work for every implementation.
+* ``meta-K{K}`` -- one random-init DD meta-iteration: K networks from their own xavier θ_0,
+  S = 10 distilled steps of 10 images, E = 3 epochs (T = 30), η = 0.02, outer loss on a real
+  batch of 1024 (random N(0, 1) images, random labels), ∂L/∂x̃ and ∂L/∂η averaged over the K
+  networks. ``reference``: :func:`meta_gradient_batched_reference` (K ``stored`` unrolls one
+  after another: what ``Distiller.step`` ran before); ``batched``: :func:`meta_gradient_batched`.
+
+Environment knobs: ``FASTDISTILL_BENCH_THREADS`` (default 2), ``FASTDISTILL_BENCH_K`` (network-step
+K values, default ``1,4,16,64``), ``FASTDISTILL_BENCH_META_K`` (default ``4,16``). The machine is
+shared: read the ratio within a group (same run, interleaved in time), not the absolute figure;
+``extra_info`` records the 1-minute load average around each test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from fastdistill.backgrad import (make_batched_outer_loss, meta_gradient_batched,  # noqa: E402
+                                  meta_gradient_batched_reference)
+from fastdistill.backgrad.common import InnerProblem  # noqa: E402
+from fastdistill.backgrad.stored import _grad, reverse_gd_step  # noqa: E402
+from fastdistill.models import LeNet  # noqa: E402
+from fastdistill.models.batched import batched_engine  # noqa: E402
+
+THREADS = int(os.environ.get("FASTDISTILL_BENCH_THREADS", "2"))
+STEP_K = [int(k) for k in os.environ.get("FASTDISTILL_BENCH_K", "1,4,16,64").split(",") if k.strip()]
+META_K = [int(k) for k in os.environ.get("FASTDISTILL_BENCH_META_K", "4,16").split(",") if k.strip()]
+N_IMAGES, S, E, REAL_BATCH, LR, SEED = 10, 10, 3, 1024, 0.02, 0
+DTYPE = torch.float32
+STEP_IMPLS = ("reference", "batched-autograd", "batched")
+META_IMPLS = ("reference", "batched")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def thetas(model: LeNet, K: int) -> torch.Tensor:
+    return torch.stack([model.init("xavier", torch.Generator().manual_seed(SEED + 1 + k), dtype=DTYPE)
+                        for k in range(K)])
+
+
+# -- one network-step ------------------------------------------------------------------------
+def step_problem(K: int):
+    gen = torch.Generator().manual_seed(SEED)
+    m = LeNet()
+    x = torch.randn(1, N_IMAGES, *m.input_shape, generator=gen, dtype=DTYPE)
+    y = torch.arange(N_IMAGES).remainder(10).view(1, -1)
+    lam = 1e-2 * torch.randn(K, m.num_params, generator=gen, dtype=DTYPE)
+    prob = InnerProblem(m, x, y, torch.full((1,), LR, dtype=DTYPE))
+    return m, thetas(m, K), prob, lam
+
+
+def reference_steps(prob: InnerProblem, th: torch.Tensor, lam: torch.Tensor):
+    """K × (forward step + reverse step), one network at a time."""
+    out = None
+    for k in range(th.shape[0]):
+        _grad(prob, th[k], 0)
+        acc = {"data": torch.zeros_like(prob.data), "labels": None, "lrs": torch.zeros(1, dtype=DTYPE)}
+        out = reverse_gd_step(prob, th[k], 0, lam[k], acc)
+    return out
+
+
+def batched_steps(engine, prob: InnerProblem, th: torch.Tensor, lam: torch.Tensor):
+    x, y = prob.data[0], prob.labels[0]
+    engine.loss_grad(th, x, y)
+    return engine.loss_grad_hvp(th, x, y, lam, need_x=True, need_y=False)
+
+
+_FLOPS = {}
+
+
+def network_step_flops() -> int:
+    """FLOPs of one reference network-step (counted once)."""
+    if "step" not in _FLOPS:
+        from torch.utils.flop_counter import FlopCounterMode
+        _, th, prob, lam = step_problem(1)
+        with FlopCounterMode(display=False) as fc:
+            reference_steps(prob, th, lam)
+        _FLOPS["step"] = int(fc.get_total_flops())
+    return _FLOPS["step"]
+
+
+# -- one meta-iteration ----------------------------------------------------------------------
+def meta_problem(K: int):
+    gen = torch.Generator().manual_seed(SEED)
+    m = LeNet()
+    data = torch.randn(S, N_IMAGES, *m.input_shape, generator=gen, dtype=DTYPE)
+    labels = torch.arange(N_IMAGES).remainder(10).repeat(S, 1)
+    real_x = torch.randn(REAL_BATCH, *m.input_shape, generator=gen, dtype=DTYPE)
+    real_y = torch.randint(0, 10, (REAL_BATCH,), generator=gen)
+    lrs = torch.full((S * E,), LR, dtype=DTYPE)
+    return m, thetas(m, K), data, labels, lrs, make_batched_outer_loss(m, real_x, real_y)
+
+
+def run_meta(impl: str, m, th0, data, labels, lrs, outer):
+    fn = meta_gradient_batched if impl == "batched" else meta_gradient_batched_reference
+    return fn(m, th0, data, labels, lrs, outer, need_theta0=False)
+
+
+# -- the suite -------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def _info(benchmark, **kw):
+    benchmark.extra_info.update({"dtype": str(DTYPE).replace("torch.", ""), "torch": torch.__version__,
+                                 "threads": torch.get_num_threads(), "cpu": cpu_model(),
+                                 "cores": os.cpu_count(), **kw})
+
+
+STEP_CASES = [(K, impl) for K in STEP_K for impl in STEP_IMPLS]
+
+
+@pytest.mark.parametrize("case,K,impl", [(f"step-K{K}", K, i) for K, i in STEP_CASES],
+                         ids=[f"step-K{K}-{i}" for K, i in STEP_CASES])
+def test_network_step(benchmark, case, K, impl):
+    m, th, prob, lam = step_problem(K)
+    if impl == "reference":
+        fn, args = reference_steps, (prob, th, lam)
+    else:
+        fn, args = batched_steps, (batched_engine(m, "autograd" if impl == "batched-autograd" else "auto"),
+                                   prob, th, lam)
+    rounds = max(5, min(30, 240 // K))
+    load0 = os.getloadavg()[0]
+    benchmark.pedantic(fn, args=args, rounds=rounds, warmup_rounds=1, iterations=1)
+    med = benchmark.stats.stats.median
+    flops = network_step_flops()
+    _info(benchmark, case=case, K=K, impl=impl, images_per_step=N_IMAGES,
+          ms_per_network_step=med * 1e3 / K, flops_per_network_step=flops,
+          gflops=flops * K / med / 1e9, loadavg_1m_before=load0, loadavg_1m_after=os.getloadavg()[0])
+
+
+META_CASES = [(K, impl) for K in META_K for impl in META_IMPLS]
+
+
+@pytest.mark.parametrize("case,K,impl", [(f"meta-K{K}", K, i) for K, i in META_CASES],
+                         ids=[f"meta-K{K}-{i}" for K, i in META_CASES])
+def test_meta_iteration(benchmark, case, K, impl):
+    args = meta_problem(K)
+    load0 = os.getloadavg()[0]
+    out = benchmark.pedantic(run_meta, args=(impl,) + args, rounds=3, warmup_rounds=1, iterations=1)
+    assert torch.isfinite(out.loss)
+    med = benchmark.stats.stats.median
+    _info(benchmark, case=case, K=K, impl=impl, T=S * E, S=S, E=E, images_per_step=N_IMAGES,
+          real_batch=REAL_BATCH, ms_per_meta_iteration=med * 1e3, ms_per_network=med * 1e3 / K,
+          loadavg_1m_before=load0, loadavg_1m_after=os.getloadavg()[0])
+
+
+# -- the table for RESULTS.md ----------------------------------------------------------------
+def markdown_table(bench_json: str) -> str:
+    benches = json.loads(Path(bench_json).read_text())["benchmarks"]
+    rows = {(b["extra_info"]["case"], b["extra_info"]["impl"]): b for b in benches}
+    out = ["| K | implementation | ms / network-step (median; IQR of the K-step call, rounds) | "
+           "GFLOP/s | speed-up vs reference | load 1 min |", "|---:|---|---:|---:|---:|---:|"]
+    for K in sorted({b["extra_info"]["K"] for b in benches if b["extra_info"]["case"].startswith("step")}):
+        ref = rows.get((f"step-K{K}", "reference"))
+        for impl in STEP_IMPLS:
+            b = rows.get((f"step-K{K}", impl))
+            if b is None:
+                continue
+            e, s = b["extra_info"], b["stats"]
+            up = "–" if ref is None else f"{ref['stats']['median'] / s['median']:.2f}×"
+            out.append(f"| {K} | {impl} | {e['ms_per_network_step']:.2f} ({s['iqr'] * 1e3:.1f} ms, "
+                       f"{s['rounds']}) | {e['gflops']:.1f} | {up} | {e['loadavg_1m_before']:.1f} |")
+    out += ["", "| K | implementation | ms / meta-iteration (median; IQR, rounds) | ms / network | "
+            "speed-up vs reference | load 1 min |", "|---:|---|---:|---:|---:|---:|"]
+    for K in sorted({b["extra_info"]["K"] for b in benches if b["extra_info"]["case"].startswith("meta")}):
+        ref = rows.get((f"meta-K{K}", "reference"))
+        for impl in META_IMPLS:
+            b = rows.get((f"meta-K{K}", impl))
+            if b is None:
+                continue
+            e, s = b["extra_info"], b["stats"]
+            up = "–" if ref is None else f"{ref['stats']['median'] / s['median']:.2f}×"
+            out.append(f"| {K} | {impl} | {s['median'] * 1e3:,.0f} ({s['iqr'] * 1e3:,.0f}, {s['rounds']}) | "
+                       f"{e['ms_per_network']:.0f} | {up} | {e['loadavg_1m_before']:.1f} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(markdown_table(sys.argv[2]))
+        sys.exit(0)
+    print(__doc__)
+    sys.exit(2)
