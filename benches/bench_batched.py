@@ -23,6 +23,10 @@ Two cases, each with the reference beside the fast paths in one group:
   networks. ``reference``: :func:`meta_gradient_batched_reference` (K ``stored`` unrolls one
   after another: what ``Distiller.step`` ran before); ``batched``: :func:`meta_gradient_batched`.
 
+On a loaded shared machine wall time mostly measures the scheduler; with one thread,
+``--benchmark-timer=time.process_time`` measures the CPU time the process actually got (what
+``benches/RESULTS.md`` reports next to wall-clock figures).
+
 Environment knobs: ``FASTDISTILL_BENCH_THREADS`` (default 2), ``FASTDISTILL_BENCH_K`` (network-step
 K values, default ``1,4,16,64``), ``FASTDISTILL_BENCH_META_K`` (default ``4,16``). The machine is
 shared: read the ratio within a group (same run, interleaved in time), not the absolute figure;
@@ -189,7 +193,9 @@ def test_meta_iteration(benchmark, case, K, impl):
 def markdown_table(bench_json: str) -> str:
     benches = json.loads(Path(bench_json).read_text())["benchmarks"]
     rows = {(b["extra_info"]["case"], b["extra_info"]["impl"]): b for b in benches}
-    out = ["| K | implementation | ms / network-step (median; IQR of the K-step call, rounds) | "
+    timer = benches[0]["options"].get("timer", "?")
+    out = [f"timer: `{timer}`, threads: {benches[0]['extra_info']['threads']}", "",
+           "| K | implementation | ms / network-step (median; IQR of the K-step call, rounds) | "
            "GFLOP/s | speed-up vs reference | load 1 min |", "|---:|---|---:|---:|---:|---:|"]
     for K in sorted({b["extra_info"]["K"] for b in benches if b["extra_info"]["case"].startswith("step")}):
         ref = rows.get((f"step-K{K}", "reference"))

@@ -179,6 +179,8 @@ def test_meta_gradient_batched_equals_separate_autograd_runs(momentum, soft, eng
     assert got.labels is None if not soft else got.labels.shape == labels.shape
     assert got.stats["strategy"] == "batched" and got.stats["K"] == len(th0)
     assert got.stats["engine"] == ("lenet-explicit" if engine == "auto" else "autograd")
+    if engine == "auto":   # every layer op reports the backend that ran it
+        assert set(got.stats["backends"]) == set(LeNetBatchedEngine.OPS)
 
 
 @pytest.mark.parametrize("momentum", [False, True], ids=["gd", "momentum"])
@@ -258,9 +260,13 @@ def test_outer_loss_chunking_is_exact():
     m = LeNet()
     th0, *_, xr, yr = _problem(m, seed=13)
     eng = LeNetBatchedEngine(m)
-    L1, g1 = make_batched_outer_loss(m, xr, yr, chunk=10_000).loss_grad(th0, eng)
-    L2, g2 = make_batched_outer_loss(m, xr, yr, chunk=3 * 5).loss_grad(th0, eng)   # 5 images a chunk
+    L1, g1 = make_batched_outer_loss(m, xr, yr, chunk=10_000, mode="batched").loss_grad(th0, eng)
+    L2, g2 = make_batched_outer_loss(m, xr, yr, chunk=3 * 5, mode="batched").loss_grad(th0, eng)  # 5 a chunk
+    L3, g3 = make_batched_outer_loss(m, xr, yr).loss_grad(th0, eng)                  # per network
     assert rel(L2, L1) < 1e-13 and rel(g2, g1) < 1e-13
+    assert rel(L3, L1) < 1e-13 and rel(g3, g1) < 1e-12
+    with pytest.raises(ConfigError):
+        make_batched_outer_loss(m, xr, yr, mode="fast")
 
 
 def test_meta_gradient_batched_rejects_bad_arguments():

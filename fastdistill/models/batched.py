@@ -235,6 +235,8 @@ class LeNetBatchedEngine:
     """
 
     name = "lenet-explicit"
+    #: the layer ops it runs through the backend registry (recorded in the results' stats)
+    OPS = ("im2col5", "col2im5", "pool2_relu", "pool2_relu_tangent", "pool2_relu_backward")
 
     def __init__(self, model: LeNet):
         if not isinstance(model, LeNet):
