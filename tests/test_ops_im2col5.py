@@ -119,3 +119,18 @@ def test_cpp_entry_points_check_their_arguments():
         torch.ops.fastdistill.col2im5(torch.zeros(1, 24, 16), 8, 8, 0)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.fastdistill.col2im5(torch.zeros(1, 25, 16, dtype=torch.int32), 8, 8, 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_equals_reference_bitwise(dtype):
+    if not _backend.has_kernel("fastdistill::im2col5", "CUDA"):
+        pytest.skip("fastdistill._C was built without CUDA kernels")
+    for shape in SHAPES:
+        a, d, pad = _data(shape, dtype)
+        H, W = shape[3:5]
+        u = im2col5(a.cuda(), pad, backend="cuda")
+        assert torch.equal(u.cpu(), im2col5_reference(a, pad))
+        c = col2im5(d.cuda(), H, W, pad, backend="cuda")
+        assert torch.equal(c.cpu(), col2im5_reference(d, H, W, pad))
+        assert torch.equal(c, col2im5(d.cuda(), H, W, pad, backend="cuda"))   # deterministic

@@ -137,3 +137,27 @@ def test_cpp_entry_points_check_their_arguments():
         torch.ops.fastdistill.pool2_relu_backward(a.unsqueeze(0), idx + 100, a)
     with pytest.raises(RuntimeError, match="int64"):
         torch.ops.fastdistill.pool2_relu_tangent(z, b, idx.int(), a)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_equals_reference(dtype):
+    if not _backend.has_kernel("fastdistill::pool2_relu", "CUDA"):
+        pytest.skip("fastdistill._C was built without CUDA kernels")
+    for shape in SHAPES:
+        z, b, g = _data(shape, dtype, ties=True)
+        a, idx = pool2_relu(z.cuda(), b.cuda(), backend="cuda")
+        ra, ridx = pool2_relu_reference(z, b)
+        assert torch.equal(idx.cpu(), ridx) and torch.equal(a.cpu().nan_to_num(), ra.nan_to_num())
+        a, idx = ra.nan_to_num(), ridx
+        zd, bd = torch.randn(z.shape, generator=g, dtype=dtype), torch.randn(b.shape, generator=g, dtype=dtype)
+        got = pool2_relu_tangent(zd.cuda(), bd.cuda(), idx.cuda(), a.cuda(), backend="cuda")
+        assert torch.equal(got.cpu(), pool2_relu_tangent_reference(zd, bd, idx, a))
+        d = torch.randn((2,) + tuple(a.shape), generator=g, dtype=dtype)
+        dz, db = pool2_relu_backward(d.cuda(), idx.cuda(), a.cuda(), backend="cuda")
+        rdz, rdb = pool2_relu_backward_reference(d, idx, a)
+        assert torch.equal(dz.cpu(), rdz)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert (db.cpu() - rdb).abs().max() <= tol * rdb.abs().max().clamp_min(1)
+        again = pool2_relu_backward(d.cuda(), idx.cuda(), a.cuda(), backend="cuda")
+        assert torch.equal(again[1], db)                                     # deterministic

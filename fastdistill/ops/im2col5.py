@@ -11,9 +11,10 @@ columns image-major. ``col2im5`` is its adjoint (``⟨im2col5(a), d⟩ = ⟨a, c
 input gradient of the convolution after its GEMM.
 
 :func:`im2col5_reference` / :func:`col2im5_reference` (strided views; 25 shifted adds) are the
-specification and the fallback; the ``cpp`` backend (``torch.ops.fastdistill.im2col5``) computes
-bitwise the same values in one pass (PyTorch's own ``F.unfold``/``F.fold`` are several times
-slower at these sizes). Both are differentiable (each is the other's backward).
+specification and the fallback. The ``cpp`` and ``cuda`` backends (``torch.ops.fastdistill.*``,
+csrc/cpu/lenet_ops.cpp, csrc/cuda/lenet_ops.cu) compute bitwise the same values in one pass
+(PyTorch's own ``F.unfold``/``F.fold`` are several times slower at these sizes). Both are
+differentiable (each is the other's backward).
 """
 from __future__ import annotations
 
@@ -141,9 +142,9 @@ def _register_extension_ops() -> None:
     torch.library.register_autograd("fastdistill::col2im5", _bw_col2im, setup_context=_ctx_col2im)
 
 
-def _has(op: str):
-    return lambda device: (_backend.has_kernel(f"fastdistill::{op}", "CPU"),
-                           f"fastdistill._C was built without {op}")
+def _has(op: str, key: str = "CPU"):
+    return lambda device: (_backend.has_kernel(f"fastdistill::{op}", key),
+                           f"fastdistill._C was built without a {key} kernel of {op}")
 
 
 if _backend.has_kernel("fastdistill::im2col5", "CPU"):
@@ -153,3 +154,8 @@ _backend.register(OP_IM2COL, "cpp", {"cpu"}, lambda a, pad: torch.ops.fastdistil
 _backend.register(OP_COL2IM, "cpp", {"cpu"},
                   lambda d, H, W, pad: torch.ops.fastdistill.col2im5(d, H, W, pad),
                   available=_has(OP_COL2IM))
+_backend.register(OP_IM2COL, "cuda", {"cuda"}, lambda a, pad: torch.ops.fastdistill.im2col5(a, pad),
+                  available=_has(OP_IM2COL, "CUDA"))
+_backend.register(OP_COL2IM, "cuda", {"cuda"},
+                  lambda d, H, W, pad: torch.ops.fastdistill.col2im5(d, H, W, pad),
+                  available=_has(OP_COL2IM, "CUDA"))

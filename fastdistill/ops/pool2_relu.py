@@ -10,10 +10,10 @@ Maths (one plane, pooled position o with window w(o))::
     backward  ∂z_u  = Σ_o [u = idx_o] · d_o · [a_o > 0],   ∂b = Σ_o d_o · [a_o > 0]
 
 Adding the bias after the pool is exact: a per-plane constant does not move the maximum.
-:func:`pool2_relu_reference` & co. are the specification and the fallback; the ``cpp`` backend
-(``torch.ops.fastdistill.pool2_relu*``) fuses each into one pass. The forward and the tangent
-round exactly like the references; the backward's bias sum runs in memory order (equal to the
-reference's ``sum`` to round-off).
+:func:`pool2_relu_reference` & co. are the specification and the fallback; the ``cpp`` and
+``cuda`` backends (``torch.ops.fastdistill.pool2_relu*``) fuse each into one pass. The forward
+and the tangent round exactly like the references; the backward's bias sum runs in a fixed
+order of its own (equal to the reference's ``sum`` to round-off).
 """
 from __future__ import annotations
 
@@ -185,10 +185,11 @@ def _dispatcher(op: str):
     return lambda *args: getattr(torch.ops.fastdistill, op)(*args)
 
 
-def _has(op: str):
-    return lambda device: (_backend.has_kernel(f"fastdistill::{op}", "CPU"),
-                           f"fastdistill._C was built without {op}")
+def _has(op: str, key: str = "CPU"):
+    return lambda device: (_backend.has_kernel(f"fastdistill::{op}", key),
+                           f"fastdistill._C was built without a {key} kernel of {op}")
 
 
 for _op in OPS:
     _backend.register(_op, "cpp", {"cpu"}, _dispatcher(_op), available=_has(_op))
+    _backend.register(_op, "cuda", {"cuda"}, _dispatcher(_op), available=_has(_op, "CUDA"))
