@@ -25,7 +25,6 @@
 #include <torch/library.h>
 
 #include <cmath>
-#include <cstring>
 #include <tuple>
 
 #include "../check.h"
@@ -69,12 +68,14 @@ at::Tensor im2col5_cpu(const at::Tensor& a, int64_t pad) {
             scalar_t* out = row + (m * Ho + y) * Wo;
             const int64_t yy = y + i - pad;
             if (yy < 0 || yy >= H || x1 <= x0) {
-              std::fill(out, out + Wo, scalar_t(0));
+              for (int64_t x = 0; x < Wo; ++x) out[x] = scalar_t(0);
               continue;
             }
-            std::fill(out, out + x0, scalar_t(0));
-            std::memcpy(out + x0, plane + yy * W + (x0 + j - pad), sizeof(scalar_t) * (x1 - x0));
-            std::fill(out + x1, out + Wo, scalar_t(0));
+            // plain loops, not memcpy/fill calls: the runs are short (10 values for conv2)
+            const scalar_t* in = plane + yy * W + (j - pad);
+            for (int64_t x = 0; x < x0; ++x) out[x] = scalar_t(0);
+            for (int64_t x = x0; x < x1; ++x) out[x] = in[x];
+            for (int64_t x = x1; x < Wo; ++x) out[x] = scalar_t(0);
           }
         }
       }
@@ -174,11 +175,12 @@ std::tuple<at::Tensor, at::Tensor> pool2_relu_cpu(const at::Tensor& z, const at:
             scalar_t best = plane[best_i];
             const int64_t cand[3] = {best_i + 1, best_i + W, best_i + W + 1};
             for (int64_t c : cand) {
+              // max_pool2d's rule (the last NaN wins), as selects: random data would make a
+              // branch here mispredict half the time
               const scalar_t v = plane[c];
-              if (v > best || std::isnan(v)) {  // max_pool2d's rule: the last NaN wins
-                best = v;
-                best_i = c;
-              }
+              const bool take = (v > best) | (v != v);
+              best = take ? v : best;
+              best_i = take ? c : best_i;
             }
             const scalar_t p = best + b;
             o[y * w + x] = p * static_cast<scalar_t>(p > 0);
