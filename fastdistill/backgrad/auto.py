@@ -135,9 +135,15 @@ def auto_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable[[Tens
 
     Example::
 
-        >>> out = meta_gradient(model, th0, x, y, lrs, outer, strategy="auto",
-        ...                     memory_budget=512 * 2**20)
-        >>> out.stats["auto"]["choice"]
+        >>> import torch
+        >>> from fastdistill.models import LeNet
+        >>> from fastdistill.backgrad import meta_gradient, make_outer_loss
+        >>> m = LeNet(); th0 = m.init("xavier", torch.Generator().manual_seed(0))
+        >>> x = torch.randn(1, 10, 1, 28, 28); y = torch.arange(10).view(1, 10)
+        >>> outer = make_outer_loss(m, torch.randn(8, 1, 28, 28), torch.arange(8))
+        >>> out = meta_gradient(m, th0, x, y, torch.full((20,), 0.02), outer, strategy="auto",
+        ...                     memory_budget=8 * 2**20)
+        >>> out.stats["auto"]["choice"]      # autograd would need ~25 MB here
         'stored'
     """
     plan = plan_strategy(prob, theta0, memory_budget, max_denominator)

@@ -235,10 +235,16 @@ def checkpointed_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callab
 
     Example::
 
-        >>> out = meta_gradient(model, th0, x, y, torch.full((1000,), 0.02), outer,
-        ...                     strategy="checkpointed", schedule="binomial", max_states=12)
-        >>> out.stats["peak_states"] <= 12
-        True
+        >>> import torch
+        >>> from fastdistill.models import LeNet
+        >>> from fastdistill.backgrad import meta_gradient, make_outer_loss
+        >>> m = LeNet(); th0 = m.init("xavier", torch.Generator().manual_seed(0))
+        >>> x = torch.randn(1, 10, 1, 28, 28); y = torch.arange(10).view(1, 10)
+        >>> outer = make_outer_loss(m, torch.randn(8, 1, 28, 28), torch.arange(8))
+        >>> out = meta_gradient(m, th0, x, y, torch.full((20,), 0.02), outer,
+        ...                     strategy="checkpointed", schedule="binomial", max_states=3)
+        >>> out.stats["peak_states"] <= 3, out.stats["repetitions"]
+        (True, 3)
     """
     if schedule not in SCHEDULES:
         raise ConfigError(f"unknown checkpoint schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")

@@ -39,8 +39,8 @@ fresh one. The reverse pass must decide, from the state alone, where the spills 
   strictly increases the live word**. So ``c == F`` *before* step t's multiplication happens
   exactly when a word starts at step t: at t = 0 (the initial word) or because the word was
   spilled at step t.
-* forward step t: spill the parameters with ``c ≥ S_t`` (``S_t = n_t·((2^63 − d_t) div d_t)``,
-  the largest live word whose ``(c div n)·d + r`` cannot overflow), reset them to ``F``, then
+* forward step t: spill the parameters with ``c ≥ S_t`` (``S_t = n_t·((2^63 − d_t) div d_t)``:
+  below it ``(c div n)·d + r`` cannot overflow), reset them to ``F``, then
   multiply. The spilled words are stored in parameter order together with ``(t, count)``.
 * reverse step t > 0: divide back; the parameters whose live word is now ``F`` are exactly
   those spilled at step t; they get their words back from the top of the stack. If the count
@@ -49,7 +49,7 @@ fresh one. The reverse pass must decide, from the state alone, where the spills 
 
 Storage: the spilled words (8 bytes each), the ``(t, count)`` records (16 bytes per step that
 spilled) and the P live words. A spilled word carries ``log2(c/F) ≥ log2(S_t/F)`` of its 64
-bits: ~56 for β = 9/10 (F = 81), ~62 for β = 1/2, ~40 for β ≈ 0.99 with a denominator near
+bits: ~56 for β = 9/10 (F = 89), ~62 for β = 1/2, ~40 for β ≈ 0.99 with a denominator near
 2^16 (F ≈ 99·2^16), so the storage stays within ~1.6× of the ``log2(1/β)`` bits per parameter
 per step that are destroyed for β ≤ 0.99 (a smaller ``max_denominator`` lowers F).
 """
@@ -173,7 +173,7 @@ def _divmod(N: Tensor, b: int) -> Tuple[Tensor, Tensor]:
     """Floor ``(N div b, N mod b)`` for any int64 ``N`` and ``1 ≤ b ≤ 2^20`` (two 30-bit limbs)."""
     qh, rh = _divmod_small(N >> _LIMB_BITS, b)          # |N >> 30| < 2^33
     ql, r = _divmod_small((rh << _LIMB_BITS) + (N & _LIMB_MASK), b)  # < 2^50 + 2^30
-    return (qh << _LIMB_BITS) + ql, r
+    return qh * (1 << _LIMB_BITS) + ql, r
 
 
 def _muldiv(X: Tensor, a: int, b: int, c: Tensor) -> Tuple[Tensor, Tensor]:
@@ -186,7 +186,7 @@ def _muldiv(X: Tensor, a: int, b: int, c: Tensor) -> Tuple[Tensor, Tensor]:
     """
     qh, rh = _divmod_small((X >> _LIMB_BITS) * a, b)
     ql, r = _divmod_small((rh << _LIMB_BITS) + (X & _LIMB_MASK) * a + c, b)
-    return (qh << _LIMB_BITS) + ql, r
+    return qh * (1 << _LIMB_BITS) + ql, r
 
 
 class _WordStack:

@@ -21,6 +21,9 @@ so the reverse pass subtracts exactly what the forward added::
 The only lossy operation, the product by β, is made exact by the information buffer. Everything
 is exact as long as ``g_t`` is recomputed bit for bit; if it is not, the buffer's spill records,
 θ_0 or v_0 = 0 do not come back and :class:`ReversibilityError` is raised instead of a gradient.
+What is verified is the recovery of the states: the reverse step's second evaluation (the one
+whose graph gives the Hessian- and mixed-vector products) is a separate recomputation at the
+verified θ_t, deterministic under the same conditions but not itself checked.
 
 Meaning of the gradients. The trajectory is the momentum unroll with β_t → β_q,t = n_t/d_t,
 θ_0 → round(θ_0·2^R)·2^-R and a rounding of at most 2^-(R+1) per coordinate per update. The
@@ -59,7 +62,7 @@ class ReversibleMomentum:
         radix_bits: R (default 52): resolution 2^-R, range ``|θ|, |v| < 2^(61−R)``.
         max_denominator: largest denominator of the rational β_q (default 2^16).
 
-    Example::
+    Example (``prob`` an :class:`InnerProblem` with betas)::
 
         >>> rm = ReversibleMomentum(prob, theta0)
         >>> rm.forward()                       # Θ_T, V_T and the information buffer
@@ -82,7 +85,6 @@ class ReversibleMomentum:
         # (1 − β_q)·2^R as one float64 per step: the single place G_t's rounding is defined
         self.gcoef = [(d - n) / d * self.fp.scale for n, d in self.pairs]
         self.dtype = theta0.dtype
-        self.theta0_float = theta0.detach()
         self.theta0_int = self.fp.to_int(theta0, "θ_0")
         self.theta = self.theta0_int.clone()
         self.v = torch.zeros_like(self.theta0_int)
@@ -90,8 +92,9 @@ class ReversibleMomentum:
         self.t = 0
 
     # -- the two deterministic roundings, shared by forward and reverse ----------------------------
-    def _G(self, theta_int: Tensor, t: int) -> Tensor:
-        g = _grad(self.prob, self.fp.to_float(theta_int, self.dtype), t)
+    def _G(self, theta: Tensor, t: int) -> Tensor:
+        """G_t from θ_t as the model sees it (``float_state(Θ_t)``)."""
+        g = _grad(self.prob, theta, t)
         return self.fp.scaled_to_int(g.to(torch.float64) * self.gcoef[t], f"(1−β_{t})·g_{t}")
 
     def _A(self, v_int: Tensor, t: int) -> Tensor:
@@ -112,7 +115,7 @@ class ReversibleMomentum:
         theta, v = self.theta, self.v
         for t in range(self.T):
             n, d = self.pairs[t]
-            G = self._G(theta, t)
+            G = self._G(self.float_state(theta), t)
             v = self.buffer.mul(v, n, d, t) - G
             self.fp.check(v, f"v_{t + 1}")
             theta = theta + self._A(v, t)
@@ -133,14 +136,17 @@ class ReversibleMomentum:
         if self.t != self.T:
             raise RuntimeError("reverse() needs a completed forward() and runs once")
         theta, v = self.theta, self.v
+        v_next_f = self.float_state(v)
         try:
             for t in range(self.T - 1, -1, -1):
                 n, d = self.pairs[t]
-                v_next = v
                 theta = theta - self._A(v, t)
-                v = self.buffer.unmul(v + self._G(theta, t), n, d, t)
+                theta_f = self.float_state(theta)
+                v = self.buffer.unmul(v + self._G(theta_f, t), n, d, t)
                 self.theta, self.v, self.t = theta, v, t
-                yield t, self.float_state(theta), self.float_state(v), self.float_state(v_next)
+                v_f = self.float_state(v)
+                yield t, theta_f, v_f, v_next_f
+                v_next_f = v_f
         except FixedPointOverflowError as e:
             raise ReversibilityError(f"the reverse pass left the forward's fixed-point range at "
                                      f"step {t} ({e}); the recomputed gradients are not the "
@@ -182,9 +188,16 @@ def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable
 
     Example::
 
-        >>> out = meta_gradient(model, th0, x, y, lrs, outer, betas=torch.full_like(lrs, 0.9),
-        ...                     strategy="reversible")
-        >>> out.stats["info_bits_per_param_step"]   # ≈ log2(1/0.9) = 0.152
+        >>> import torch
+        >>> from fastdistill.models import LeNet
+        >>> from fastdistill.backgrad import meta_gradient, make_outer_loss
+        >>> m = LeNet(); th0 = m.init("xavier", torch.Generator().manual_seed(0))
+        >>> x = torch.randn(1, 10, 1, 28, 28); y = torch.arange(10).view(1, 10)
+        >>> outer = make_outer_loss(m, torch.randn(8, 1, 28, 28), torch.arange(8))
+        >>> out = meta_gradient(m, th0, x, y, torch.full((20,), 0.02), outer,
+        ...                     betas=torch.full((20,), 0.9), strategy="reversible")
+        >>> round(out.stats["info_bits_theory"], 3)   # log2(10/9) bits per parameter per step
+        0.152
     """
     rm = ReversibleMomentum(prob, theta0, radix_bits=radix_bits, max_denominator=max_denominator)
     theta_T = rm.forward()
