@@ -1,0 +1,141 @@
+"""Memory of the back-gradient strategies, counted, not timed (issue 2).
+
+The claim (ALGORITHMS.md §4): ``stored`` keeps θ_t (P numbers) per step and only one step's
+double-backward graph at a time, while ``autograd`` keeps every step's graph alive. We count the
+bytes autograd saves for backward with ``torch.autograd.graph.saved_tensors_hooks`` (live and peak,
+per unique storage, the test's own inputs excluded) on a tiny LeNet problem at several T.
+The same meter, with timing and peak RSS, is in ``benches/bench_unroll.py``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable
+
+import pytest
+import torch
+
+from fastdistill.backgrad import make_outer_loss, meta_gradient
+from fastdistill.models import LeNet
+
+
+class SavedTensorMeter:
+    """Live and peak bytes of the storages autograd holds for backward inside the context."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
+        self._refs: Dict[int, list] = {}  # storage ptr -> [handles alive, nbytes]
+        self.live = self.peak = 0
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.tensor)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, tensor):
+        return _Handle(self, tensor)
+
+    def acquire(self, ptr: int, nbytes: int) -> None:
+        if ptr in self._excluded:
+            return
+        if ptr in self._refs:
+            self._refs[ptr][0] += 1
+            return
+        self._refs[ptr] = [1, nbytes]
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+
+    def release(self, ptr: int) -> None:
+        ref = self._refs.get(ptr)
+        if ref is not None:
+            ref[0] -= 1
+            if ref[0] == 0:
+                self.live -= ref[1]
+                del self._refs[ptr]
+
+
+class _Handle:
+    """Holds a saved tensor for as long as the graph node does (so its storage stays put)."""
+
+    __slots__ = ("tensor", "ptr", "meter")
+
+    def __init__(self, meter, tensor):
+        storage = tensor.untyped_storage()
+        self.tensor, self.ptr, self.meter = tensor, storage.data_ptr(), meter
+        meter.acquire(self.ptr, storage.nbytes())
+
+    def __del__(self):
+        self.meter.release(self.ptr)
+
+
+MODEL = LeNet()
+P = MODEL.num_params
+
+
+def _peak(strategy: str, T: int):
+    """(peak saved-for-backward bytes, bytes still held afterwards, stats) of one meta-iteration
+    on a tiny problem: 2 images per step (S = 1, E = T), an outer batch of 8, float32."""
+    gen = torch.Generator().manual_seed(0)
+    theta0 = MODEL.init("xavier", gen)
+    x = torch.randn(1, 2, 1, 28, 28, generator=gen)
+    y = torch.tensor([[3, 7]])
+    xr, yr = torch.randn(8, 1, 28, 28, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    lrs = torch.full((T,), 0.02)
+    with SavedTensorMeter(exclude=(theta0, x, y, lrs, xr, yr)) as meter:
+        out = meta_gradient(MODEL, theta0, x, y, lrs, make_outer_loss(MODEL, xr, yr),
+                            strategy=strategy, need_theta0=False)
+    assert torch.isfinite(out.loss)
+    return meter.peak, meter.live, out.stats
+
+
+@pytest.fixture(scope="module")
+def peaks():
+    # byte counts do not depend on threads; one thread keeps this fast on a loaded machine
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {(s, T): _peak(s, T) for s in ("autograd", "stored") for T in (5, 10, 20)}
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_meter_counts_unique_storages_and_releases_them():
+    x = torch.randn(1000, requires_grad=True)
+    w = torch.randn(1000)
+    with SavedTensorMeter() as meter:
+        loss = (x * x).sum()  # saves x twice: one storage
+        assert meter.live == 4000
+        (w * x).sum().backward(retain_graph=False)  # saves w and x: w is new
+        assert meter.peak == 8000
+    del loss
+    assert meter.live == 0, "graph freed, nothing should be held"
+    with SavedTensorMeter(exclude=(x,)) as meter:
+        (x * x).sum().backward()
+    assert meter.peak == 0
+
+
+def test_graphs_are_freed(peaks):
+    for key, (_, live, _) in peaks.items():
+        assert live == 0, f"{key}: {live} bytes of graph outlived the meta-iteration"
+
+
+def test_stored_keeps_theta_t_not_graphs(peaks):
+    state = P * 4
+    step = (peaks["autograd", 10][0] - peaks["autograd", 5][0]) / 5
+    for T in (5, 10, 20):
+        assert peaks["stored", T][2]["stored_bytes"] == T * state
+    growth = peaks["stored", 20][0] - peaks["stored", 5][0]
+    # 15 more steps may not add even a twentieth of one step's graph (exactly 0 today); keeping
+    # every step's graph, or even just every θ_t inside the graph, adds ≥ 15 × P·4 bytes
+    assert abs(growth) <= 0.05 * step, f"stored graph grew by {growth} bytes from T=5 to T=20"
+    # all-in, stored at T=20 needs less than autograd's graph alone
+    assert peaks["stored", 20][0] + 20 * state < peaks["autograd", 20][0]
+
+
+def test_autograd_graph_grows_linearly_with_T(peaks):
+    a5, a10, a20 = (peaks["autograd", T][0] for T in (5, 10, 20))
+    first, second = (a10 - a5) / 5, (a20 - a10) / 10
+    # every step keeps at least θ_{t+1} plus its activations alive
+    assert first > P * 4, f"autograd grows by {first:.0f} B/step, less than θ (P·4 = {P * 4})"
+    assert second == pytest.approx(first, rel=0.05), (first, second)
