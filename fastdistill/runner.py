@@ -50,6 +50,9 @@ __all__ = ["run_distillation", "evaluate_saved", "RunOutput", "EvalOutput", "Int
            "default_out_dir", "read_checkpoint", "backend_info", "PERIODIC_EVAL_MODELS",
            "HISTORY_POINTS"]
 
+#: seconds between progress lines when there is no progress bar
+HEARTBEAT_S = 60.0
+
 #: held-out models used by the periodic (``eval_every``) evaluation of a random-init run; the
 #: final evaluation uses all ``eval_models``.
 PERIODIC_EVAL_MODELS = 20
@@ -260,6 +263,15 @@ class _SigintGuard:
         return False
 
 
+def _fmt_duration(seconds: float) -> str:
+    """``"42 s"``, ``"7.5 min"`` or ``"2.3 h"``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 @contextmanager
 def _threads(n: int):
     """``torch.set_num_threads(n)`` for the duration (0: leave as is); restored afterwards."""
@@ -369,13 +381,25 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
             say = (lambda s: bar.write(s, file=sys.stderr)) if log else say
         guard = _SigintGuard(say)
         last_acc: List[Optional[float]] = [None]
+        # without a bar (stderr not a terminal: a log file, nohup, CI) a line at least every
+        # HEARTBEAT_S seconds says how far the run is and when it should end
+        beat = {"t0": time.perf_counter(), "i0": distiller.iteration, "last": time.perf_counter()}
 
         def on_step(rec: Dict[str, Any]) -> None:
+            now = time.perf_counter()
             if "eval_acc" in rec:
                 last_acc[0] = rec["eval_acc"]
                 if bar is None:
                     say(f"iteration {rec['iteration']}/{distiller.iterations}: loss {rec['loss']:.4f}, "
                         f"mean lr {rec['lr_mean']:.4g}, accuracy {100 * rec['eval_acc']:.2f}%")
+                    beat["last"] = now
+            elif bar is None and now - beat["last"] >= HEARTBEAT_S:
+                done = rec["iteration"] - beat["i0"]
+                per_it = (now - beat["t0"]) / max(done, 1)
+                say(f"iteration {rec['iteration']}/{distiller.iterations}: loss {rec['loss']:.4f}, "
+                    f"mean lr {rec['lr_mean']:.4g}, {per_it:.3g} s/it, about "
+                    f"{_fmt_duration(per_it * (distiller.iterations - rec['iteration']))} left")
+                beat["last"] = now
             if bar is not None:
                 post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr_mean']:.3g}"}
                 if last_acc[0] is not None:

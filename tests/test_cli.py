@@ -337,3 +337,14 @@ def test_python_api_in_a_few_lines(root, tmp_path):
     # the same data passed in as an object gives the same run
     run2 = run_distillation(cfg, out=tmp_path / "api2", dataset=load_dataset("mnist", root=root))
     assert torch.equal(run2.result.data, run.result.data)
+
+
+def test_progress_lines_without_a_bar(root, tmp_path, monkeypatch, capsys):
+    """No terminal (--no-progress): a heartbeat line with the rate and the time left, not silence."""
+    from fastdistill import runner
+
+    monkeypatch.setattr(runner, "HEARTBEAT_S", 0.0)
+    assert cli.main(base(root, tmp_path / "hb", "--iterations", 3)) == 0
+    cap = capsys.readouterr()
+    beats = [ln for ln in (cap.err + cap.out).splitlines() if " s/it, about " in ln]
+    assert [ln.split(":")[1].strip().split()[-1] for ln in beats] == ["1/3", "2/3", "3/3"], beats
