@@ -354,8 +354,15 @@ class Distiller:
         glr = torch.zeros_like(self.raw_lrs)
         gbeta = None if betas is None else torch.zeros_like(betas)
         losses = []
+        engine = {"stored": 0, "info": 0}  # what the back-gradient kept for its reverse pass
+
+        def note(stats: Dict[str, Any]) -> None:
+            engine["stored"] = max(engine["stored"], int(stats.get("stored_bytes") or 0))
+            engine["info"] = max(engine["info"], int(stats.get("info_buffer_bytes") or 0))
+
         batched = self._batched_meta_gradient(idx, outer, labels, lrs, betas, glab is not None)
         if batched is not None:  # the mean over networks, scaled to the loop's sum
+            note(batched.stats)
             losses = [float(v) for v in batched.stats["losses"]]
             gdata += batched.data * c.n_nets
             glr += batched.lrs * c.n_nets
@@ -368,6 +375,7 @@ class Distiller:
             out = meta_gradient(self.model, th0, self.data.detach(), labels, lrs, outer,
                                 betas=betas, strategy=c.backgrad, need_theta0=False,
                                 need_labels=glab is not None)
+            note(out.stats)
             gdata += out.data
             glr += out.lrs
             if glab is not None:
@@ -404,7 +412,8 @@ class Distiller:
             raise DivergenceError(f"a learned learning rate exploded (max {float(new_lrs.max()):.4g} > "
                                   f"max_lr {c.max_lr}) at iteration {self.iteration}")
         return {"iteration": self.iteration, "loss": sum(losses) / len(losses),
-                "lr_mean": float(new_lrs.mean()), "outer_lr": self.sched.get_last_lr()[0]}
+                "lr_mean": float(new_lrs.mean()), "outer_lr": self.sched.get_last_lr()[0],
+                "engine_bytes": engine["stored"], "info_buffer_bytes": engine["info"]}
 
     def _batched_meta_gradient(self, idx, outer, labels, lrs, betas, need_labels):
         """All n_nets networks in one batched unroll, or None where the per-network loop runs.

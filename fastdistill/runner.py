@@ -263,6 +263,16 @@ class _SigintGuard:
         return False
 
 
+def _peak_rss_bytes() -> Optional[int]:
+    """Peak resident set of this process so far (Linux reports ru_maxrss in KiB), or None."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kib) * (1 if sys.platform == "darwin" else 1024)
+
+
 def _fmt_duration(seconds: float) -> str:
     """``"42 s"``, ``"7.5 min"`` or ``"2.3 h"``."""
     if seconds < 90:
@@ -493,6 +503,12 @@ def _metrics(cfg: DistillConfig, d: Distiller, report: EvalReport, info, eval_s:
         "backgrad": cfg.backgrad, "backend": backend_info(used=True),
         "distill_time_s": d.elapsed, "eval_time_s": eval_s, "wall_time_s": wall_s,
         "resumed_from_iteration": resumed_from,
+        # the back-gradient's own reverse-pass storage (θ_t states, or fixed-point Θ, V and the
+        # information buffer for reversible), the largest over the run's iterations
+        "engine_bytes_max": max((h.get("engine_bytes", 0) for h in d.history), default=0),
+        "info_buffer_bytes_max": max((h.get("info_buffer_bytes", 0) for h in d.history), default=0),
+        # the whole process (dataset, PyTorch runtime, model, engine) at its peak, Linux ru_maxrss
+        "peak_rss_bytes": _peak_rss_bytes(),
         "threads": torch.get_num_threads(), "device": "cpu",
         "versions": {"fastdistill": __version__, "torch": str(torch.__version__),
                      "python": sys.version.split()[0]},

@@ -81,6 +81,10 @@ def test_distill_writes_the_run_folder(fixed_run):
                 "history", "lrs", "per_model"):
         assert key in m, key
     assert m["iterations"] == 5 and m["backgrad"] == "stored" and len(m["history"]) == 5
+    # stored keeps θ_t for the T = 4 steps: 4 × P float32; no information buffer; a real peak RSS
+    assert m["engine_bytes_max"] == 4 * 61706 * 4 and m["info_buffer_bytes_max"] == 0
+    assert all(h["engine_bytes"] == 4 * 61706 * 4 for h in m["history"])
+    assert m["peak_rss_bytes"] > 50 * 2**20
     e = m["eval"]
     assert e["n_models"] == 1 and 0 <= e["acc_before_mean"] <= 1 and 0 <= e["acc_after_mean"] <= 1
     assert e["acc_after_mean"] != e["acc_before_mean"]  # the distilled steps changed the model
