@@ -97,3 +97,16 @@ def test_default_budget_is_reported():
     out = meta_gradient(model, th0, x, y, lrs, outer, strategy="auto")
     assert out.stats["auto"]["budget"] > 0
     assert "MemAvailable" in out.stats["auto"]["budget_source"]
+
+
+def test_lenet_prefers_stored_on_its_explicit_engine():
+    """On LeNet stored runs the explicit engine, cheaper per step than autograd: with room for
+    everything auto chooses stored, not autograd."""
+    from fastdistill.backgrad.auto import COST_AUTOGRAD, COST_STORED_EXPLICIT
+    from fastdistill.models import LeNet
+    m = LeNet()
+    th0 = m.init("xavier", torch.Generator().manual_seed(0))
+    x, y = torch.randn(1, 4, 1, 28, 28), torch.arange(4).view(1, 4)
+    plan = plan_strategy(InnerProblem(m, x, y, torch.full((3,), 0.02)), th0, 1 << 40)
+    assert plan["choice"] == "stored" and COST_STORED_EXPLICIT < COST_AUTOGRAD
+    assert plan["estimates"]["stored"]["cost_per_step"] == COST_STORED_EXPLICIT

@@ -309,7 +309,9 @@ def meta_gradient_batched_reference(model: FunctionalModel, theta0s: Tensor, dat
                                     need_data: bool = True, need_labels: bool = True,
                                     need_theta0: bool = True) -> MetaGradient:
     """The plain twin of :func:`meta_gradient_batched`: K calls of ``meta_gradient``, one per
-    network, with ``strategy`` (``stored`` by default; ``autograd`` is the oracle in tests).
+    network, with ``strategy`` (``stored`` by default, on its per-step autograd engine, never
+    the explicit LeNet engine this function is the reference for; ``autograd`` is the oracle in
+    tests).
 
     Any model works. With ``orders``, network k's data are ``data[orders[k]]`` (T steps) and its
     data/label gradients are added back to the steps they came from.
@@ -329,7 +331,8 @@ def meta_gradient_batched_reference(model: FunctionalModel, theta0s: Tensor, dat
     for k in range(K):
         d, y = (data, labels) if orders is None else (data[orders[k]], labels[orders[k]])
         o = meta_gradient(model, theta0s[k], d, y, lrs, outers[k], betas=betas, strategy=strategy,
-                          need_data=need_data, need_labels=need_labels, need_theta0=need_theta0)
+                          need_data=need_data, need_labels=need_labels, need_theta0=need_theta0,
+                          **({"engine": "autograd"} if strategy == "stored" else {}))
         if orders is not None:
             if o.data is not None:
                 o.data = torch.zeros_like(data).index_add_(0, orders[k], o.data)
