@@ -26,7 +26,7 @@ prediction printed, never run into the ground.
 
 What a child measures (fresh process, ``FASTDISTILL_BENCH_THREADS`` threads, default 1 on the
 shared 2-core machines): it builds the problem, runs the same variant once at T = 1 (imports,
-oneDNN buffers, the outer loss's ~40 MB graph), records ``ru_maxrss``, then runs the T case
+oneDNN buffers, the outer loss's ~40 MB graph), records its peak RSS (``VmHWM``), then runs the T case
 (median of ``rounds`` runs: 3 up to T = 100, else 1) and records:
 
 * ``ms_inner`` -- wall milliseconds per inner step (the meta-iteration's time / T), and
@@ -43,7 +43,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fastdistill._memory import peak_rss_bytes  # noqa: E402
 from fastdistill.backgrad import STRATEGIES, make_outer_loss, meta_gradient  # noqa: E402
 from fastdistill.backgrad.auto import step_graph_bytes  # noqa: E402
 from fastdistill.backgrad.common import InnerProblem  # noqa: E402
@@ -131,7 +131,8 @@ def skip_reason(name: str, T: int) -> Optional[str]:
 
 
 def _maxrss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss into this child across exec
+    return peak_rss_bytes()
 
 
 def child(cfg: dict) -> dict:

@@ -26,7 +26,7 @@ Memory, two measures, both taken in a fresh child process per (strategy, T) afte
   stays alive) and ``stored`` should not (one step's graph at a time). The stored θ_t are plain
   tensors, not saved-for-backward; they are the engine's ``stats["stored_bytes"]`` (T·P·4 bytes).
   ``graph_bytes_per_step`` = (peak at T − peak at T = 1) / (T − 1).
-* **peak RSS** -- ``ru_maxrss`` of that child: it builds the problem, runs one warm-up
+* **peak RSS** -- the peak resident set (``VmHWM``) of that child: it builds the problem, runs one warm-up
   meta-iteration at T = 1 (imports, oneDNN buffers, the outer-loss graph, which dominates small
   T), then one at T. ``rss_growth`` = peak after T − peak after the warm-up: what the T − 1 extra
   steps cost in real memory, allocator included. It resolves only what rises above the outer
@@ -43,7 +43,8 @@ Extending (issue 3): strategies are the names in ``VARIANTS`` that are also regi
 ``momentum=True``, ``checkpointed`` with ``options={"schedule": "binomial"}``) and, so that huge
 T can be skipped before it runs out of memory, a :data:`MEMORY_MODEL` entry. Environment knobs:
 
-* ``FASTDISTILL_BENCH_STRATEGIES`` -- comma list of variant names (default ``autograd,stored``);
+* ``FASTDISTILL_BENCH_STRATEGIES`` -- comma list of variant names (default
+  ``autograd,stored,stored-autograd``: stored on LeNet's explicit engine and on per-step autograd);
 * ``FASTDISTILL_BENCH_T`` -- comma list of T (default ``3,30,100,300``);
 * ``FASTDISTILL_BENCH_MEM_CAP_MB`` -- skip a case whose predicted engine memory exceeds this
   (default 8192);
@@ -56,7 +57,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -70,6 +70,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the child process and a bare `pytest` both need the package
     sys.path.insert(0, str(REPO))
 
+from fastdistill._memory import peak_rss_bytes  # noqa: E402
 from fastdistill.backgrad import STRATEGIES, make_outer_loss, meta_gradient  # noqa: E402
 from fastdistill.models import LeNet  # noqa: E402
 
@@ -105,9 +106,10 @@ class Variant:
 #: every variant this file knows; which ones run is ``FASTDISTILL_BENCH_STRATEGIES``.
 VARIANTS: Dict[str, Variant] = {
     "autograd": Variant("autograd"),
-    "stored": Variant("stored"),
+    "stored": Variant("stored"),  # LeNet: the explicit engine (stored's default)
+    "stored-autograd": Variant("stored", options={"engine": "autograd"}),  # per-step double backward
 }
-SELECTED = _env_list("FASTDISTILL_BENCH_STRATEGIES", "autograd,stored")
+SELECTED = _env_list("FASTDISTILL_BENCH_STRATEGIES", "autograd,stored,stored-autograd")
 
 #: strategy -> predicted engine memory in bytes from (T, one step's graph bytes, one state's
 #: bytes); a case predicted above MEM_CAP_BYTES is skipped before it runs. The one-step graph
@@ -245,7 +247,9 @@ def graph_bytes(p: Problem, variant: Variant):
 
 
 def _maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    # VmHWM, not ru_maxrss: Linux carries the parent's ru_maxrss (this pytest process, ~1 GB
+    # after autograd at T = 300) into the child across exec, which hid every child's own peak
+    return peak_rss_bytes()
 
 
 def child_memory(cfg: dict) -> dict:

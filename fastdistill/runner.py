@@ -44,6 +44,7 @@ from .io import _first_line
 from .io import (CHECKPOINT_FILE, DISTILLED_FILE, GRID_FILE, METRICS_FILE, METRICS_FORMAT, NPZ_FILE,
                  DistilledSet, dataset_info_dict, load_distilled, save_distilled,
                  save_distilled_grid, save_metrics, save_npz)
+from ._memory import peak_rss_bytes
 from .models import build_model
 
 __all__ = ["run_distillation", "evaluate_saved", "RunOutput", "EvalOutput", "Interrupted",
@@ -261,16 +262,6 @@ class _SigintGuard:
         if self.installed:
             signal.signal(signal.SIGINT, self.prev if self.prev is not None else signal.default_int_handler)
         return False
-
-
-def _peak_rss_bytes() -> Optional[int]:
-    """Peak resident set of this process so far (Linux reports ru_maxrss in KiB), or None."""
-    try:
-        import resource
-    except ImportError:  # not a Unix
-        return None
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kib) * (1 if sys.platform == "darwin" else 1024)
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -508,7 +499,7 @@ def _metrics(cfg: DistillConfig, d: Distiller, report: EvalReport, info, eval_s:
         "engine_bytes_max": max((h.get("engine_bytes", 0) for h in d.history), default=0),
         "info_buffer_bytes_max": max((h.get("info_buffer_bytes", 0) for h in d.history), default=0),
         # the whole process (dataset, PyTorch runtime, model, engine) at its peak, Linux ru_maxrss
-        "peak_rss_bytes": _peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
         "threads": torch.get_num_threads(), "device": "cpu",
         "versions": {"fastdistill": __version__, "torch": str(torch.__version__),
                      "python": sys.version.split()[0]},

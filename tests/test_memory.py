@@ -139,3 +139,18 @@ def test_autograd_graph_grows_linearly_with_T(peaks):
     # every step keeps at least θ_{t+1} plus its activations alive
     assert first > P * 4, f"autograd grows by {first:.0f} B/step, less than θ (P·4 = {P * 4})"
     assert second == pytest.approx(first, rel=0.05), (first, second)
+
+
+def test_peak_rss_meter_sees_this_process_and_resets():
+    """VmHWM rises with a real allocation and can be reset (the benches' child-process meter)."""
+    import numpy as np
+    from fastdistill._memory import current_rss_bytes, peak_rss_bytes, reset_peak_rss
+
+    if current_rss_bytes() is None or not reset_peak_rss():
+        pytest.skip("needs Linux /proc/self/status and clear_refs")
+    base = peak_rss_bytes()
+    a = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    assert peak_rss_bytes() >= base + 60 * 2**20
+    del a
+    assert reset_peak_rss()
+    assert peak_rss_bytes() < base + 32 * 2**20  # the peak is back near the current RSS
