@@ -328,3 +328,23 @@ def test_stats_report_the_buffer():
     # after 20 steps the live words are still short, so the floor of c div n shows: loose bounds
     assert 0.5 * st["info_bits_theory"] <= st["info_bits_per_param_step"] <= 2 * st["info_bits_theory"]
     assert st["beta_rounding"] < 1e-15 and st["fixed_point_range"] == 512.0
+
+
+@pytest.mark.parametrize("engine", ["auto", "autograd"])
+def test_lenet_matches_autograd_on_either_engine(engine):
+    """LeNet's g_t, H·v and mixed terms come from the explicit engine by default (forward and
+    reverse alike); either engine gives autograd's gradients through the quantised unroll."""
+    m = LeNet()
+    g = torch.Generator().manual_seed(3)
+    f64 = torch.float64
+    th0 = m.init("xavier", g, dtype=f64)
+    x = torch.randn(2, 3, 1, 28, 28, generator=g, dtype=f64)
+    y = torch.randint(0, 10, (2, 3), generator=g)
+    lrs = 0.01 + 0.04 * torch.rand(5, generator=g, dtype=f64)
+    betas = 0.5 + 0.4 * torch.rand(5, generator=g, dtype=f64)
+    outer = make_outer_loss(m, torch.randn(8, 1, 28, 28, generator=g, dtype=f64), torch.arange(8))
+    out = meta_gradient(m, th0, x, y, lrs, outer, betas=betas, strategy="reversible", engine=engine)
+    assert out.stats["engine"] == ("lenet-explicit" if engine == "auto" else "autograd")
+    th0q, bq = quantised(th0, betas)
+    ref = meta_gradient(m, th0q, x, y, lrs, outer, betas=bq, strategy="autograd")
+    assert_close_all({k: getattr(ref, k) for k in ("data", "lrs", "betas", "theta0")}, out)

@@ -48,7 +48,7 @@ from ..errors import ConfigError
 from .common import InnerProblem, MetaGradient, check_finite
 from .fixedpoint import (FixedPoint, FixedPointOverflowError, InfoBuffer, ReversibilityError,
                          rational_betas, theory_bits_per_step)
-from .stored import _grad, new_accumulators, outer_grad, reverse_sgdm_step
+from .stored import _grad, explicit_engine, new_accumulators, outer_grad, reverse_sgdm_step
 
 __all__ = ["reversible_strategy", "ReversibleMomentum"]
 
@@ -61,6 +61,9 @@ class ReversibleMomentum:
         theta0: θ_0, ``[P]`` float32/float64; the model is evaluated in this dtype.
         radix_bits: R (default 52): resolution 2^-R, range ``|θ|, |v| < 2^(61−R)``.
         max_denominator: largest denominator of the rational β_q (default 2^16).
+        engine: how g_t is computed, as for ``stored``: ``auto`` (LeNet: the explicit engine,
+            deterministic, used for the forward and the reverse alike), ``autograd``,
+            ``lenet-explicit``.
 
     Example (``prob`` an :class:`InnerProblem` with betas)::
 
@@ -71,13 +74,14 @@ class ReversibleMomentum:
     """
 
     def __init__(self, prob: InnerProblem, theta0: Tensor, *, radix_bits: int = 52,
-                 max_denominator: int = 1 << 16):
+                 max_denominator: int = 1 << 16, engine: str = "auto"):
         if not prob.momentum:
             raise ConfigError("the reversible strategy needs SGD with momentum (pass betas); plain "
                               "GD cannot be reversed exactly: use 'stored' or 'checkpointed'")
         if not theta0.is_floating_point():
             raise ConfigError(f"θ_0 must be a float tensor, got {theta0.dtype}")
         self.prob = prob
+        self.eng = explicit_engine(prob, engine)
         self.fp = FixedPoint(radix_bits)
         self.pairs, self.beta_q = rational_betas(prob.betas.detach().cpu().tolist(), max_denominator)
         self.max_denominator = max_denominator
@@ -94,7 +98,12 @@ class ReversibleMomentum:
     # -- the two deterministic roundings, shared by forward and reverse ----------------------------
     def _G(self, theta: Tensor, t: int) -> Tensor:
         """G_t from θ_t as the model sees it (``float_state(Θ_t)``)."""
-        g = _grad(self.prob, theta, t)
+        if self.eng is None:
+            g = _grad(self.prob, theta, t)
+        else:
+            s = t % self.prob.steps
+            g = self.eng.loss_grad(theta[None], self.prob.data[s].detach(),
+                                   self.prob.labels[s].detach())[1][0]
         return self.fp.scaled_to_int(g.to(torch.float64) * self.gcoef[t], f"(1−β_{t})·g_{t}")
 
     def _A(self, v_int: Tensor, t: int) -> Tensor:
@@ -168,12 +177,13 @@ class ReversibleMomentum:
 def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable[[Tensor], Tensor],
                         *, need_data: bool = True, need_labels: bool = True,
                         need_theta0: bool = True, radix_bits: int = 52,
-                        max_denominator: int = 1 << 16) -> MetaGradient:
+                        max_denominator: int = 1 << 16, engine: str = "auto") -> MetaGradient:
     """Meta-gradient of the momentum unroll with O(P) state + the information buffer.
 
     Options (through ``meta_gradient(..., strategy="reversible", **options)``):
         radix_bits: R, fixed-point resolution 2^-R and range ``|θ|, |v| < 2^(61−R)``.
         max_denominator: β_t is rounded to the nearest ``n/d`` with ``d ≤ max_denominator``.
+        engine: ``auto`` | ``autograd`` | ``lenet-explicit`` (:class:`ReversibleMomentum`).
 
     ``stats``: ``info_buffer_bytes`` (spilled words + records + live words, at its peak after the
     forward pass), ``info_bits_per_param_step`` (measured) next to ``info_bits_theory``
@@ -199,7 +209,8 @@ def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable
         >>> round(out.stats["info_bits_theory"], 3)   # log2(10/9) bits per parameter per step
         0.152
     """
-    rm = ReversibleMomentum(prob, theta0, radix_bits=radix_bits, max_denominator=max_denominator)
+    rm = ReversibleMomentum(prob, theta0, radix_bits=radix_bits, max_denominator=max_denominator,
+                            engine=engine)
     theta_T = rm.forward()
     check_finite(theta_T, "θ_T after the inner loop")
     P, T = theta0.numel(), prob.T
@@ -212,11 +223,15 @@ def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable
     dth, dv = lam, torch.zeros_like(lam)
     for t, th_t, v_t, v_next in rm.reverse():
         # here dth = ∂L/∂θ_{t+1}, dv = ∂L/∂v_{t+1}; th_t, v_t, v_next are the exact θ_t, v_t, v_{t+1}
-        dth, dv, _ = reverse_sgdm_step(probq, th_t, v_next, t, dth, dv, acc,
-                                       need_hvp=need_theta0 or t > 0, v_prev=v_t)
+        if rm.eng is None:
+            dth, dv, _ = reverse_sgdm_step(probq, th_t, v_next, t, dth, dv, acc,
+                                           need_hvp=need_theta0 or t > 0, v_prev=v_t)
+        else:
+            dth, dv = _reverse_sgdm_explicit(rm.eng, probq, th_t, v_t, v_next, t, dth, dv, acc)
     raw = prob.betas.detach().to(torch.float64).cpu()
     stats = {
-        "strategy": "reversible", "stored_bytes": buffer_bytes + 16 * P,
+        "strategy": "reversible", "engine": "autograd" if rm.eng is None else rm.eng.name,
+        "stored_bytes": buffer_bytes + 16 * P,
         "recomputed_steps": T, "gradient_evaluations": 3 * T,
         "info_buffer_bytes": buffer_bytes, "spilled_words": spilled,
         "info_bits_per_param_step": bits / (P * T),
@@ -230,3 +245,24 @@ def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable
     return MetaGradient(loss=L, theta_T=theta_T, data=acc["data"], labels=acc["labels"],
                         lrs=acc["lrs"], betas=acc["betas"], theta0=dth if need_theta0 else None,
                         stats=stats)
+
+
+def _reverse_sgdm_explicit(eng, prob: InnerProblem, th_t: Tensor, v_t: Tensor, v_next: Tensor,
+                           t: int, dth: Tensor, dv: Tensor, acc: dict) -> Tuple[Tensor, Tensor]:
+    """:func:`~fastdistill.backgrad.stored.reverse_sgdm_step` on the explicit LeNet engine.
+
+    On entry dth = ∂L/∂θ_{t+1}, dv = ∂L/∂v_{t+1}; returns (∂L/∂θ_t, ∂L/∂v_t).
+    """
+    s = t % prob.steps
+    a, b = prob.lrs[t].detach(), prob.betas[t].detach()
+    acc["lrs"][t] = dth @ v_next
+    dv = dv + a * dth
+    g, hv, gx, gy = eng.loss_grad_hvp(th_t[None], prob.data[s].detach(), prob.labels[s].detach(),
+                                      dv[None], need_x=acc["data"] is not None,
+                                      need_y=acc["labels"] is not None)
+    acc["betas"][t] = dv @ (v_t + g[0])
+    if gx is not None:
+        acc["data"][s] -= (1 - b) * gx
+    if gy is not None:
+        acc["labels"][s] -= (1 - b) * gy
+    return dth - (1 - b) * hv[0], b * dv

@@ -27,7 +27,7 @@ from torch import Tensor
 from ..errors import ConfigError
 from .common import InnerProblem, MetaGradient, check_finite
 
-__all__ = ["stored_strategy", "STORED_ENGINES", "reverse_gd_step", "reverse_sgdm_step", "forward_states"]
+__all__ = ["stored_strategy", "STORED_ENGINES", "explicit_engine", "reverse_gd_step", "reverse_sgdm_step", "forward_states"]
 
 
 def _grad(prob: InnerProblem, theta: Tensor, t: int) -> Tensor:
@@ -154,6 +154,24 @@ def _explicit_engine_fits(prob: InnerProblem) -> bool:
     return isinstance(prob.model, LeNet)
 
 
+def explicit_engine(prob: InnerProblem, engine: str = "auto"):
+    """The explicit LeNet engine that ``engine`` asks for on this problem, or None for per-step
+    autograd (``engine="autograd"``, or ``auto`` on a model other than LeNet).
+
+    Raises:
+        ConfigError: an unknown engine, or ``lenet-explicit`` for a model that is not LeNet.
+    """
+    if engine not in STORED_ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose one of {', '.join(STORED_ENGINES)}")
+    fits = _explicit_engine_fits(prob)
+    if engine == "lenet-explicit" and not fits:
+        raise ConfigError(f"engine 'lenet-explicit' implements LeNet only, not {prob.model.name}")
+    if engine == "autograd" or not fits:
+        return None
+    from ..models.batched import batched_engine
+    return batched_engine(prob.model, "lenet-explicit")
+
+
 def stored_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable[[Tensor], Tensor],
                     *, need_data: bool = True, need_labels: bool = True,
                     need_theta0: bool = True, engine: str = "auto") -> MetaGradient:
@@ -162,11 +180,7 @@ def stored_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable[[Te
     Raises:
         ConfigError: an unknown engine, or ``lenet-explicit`` for a model that is not LeNet.
     """
-    if engine not in STORED_ENGINES:
-        raise ConfigError(f"unknown engine {engine!r} for stored; choose one of {', '.join(STORED_ENGINES)}")
-    if engine == "lenet-explicit" and not _explicit_engine_fits(prob):
-        raise ConfigError(f"engine 'lenet-explicit' implements LeNet only, not {prob.model.name}")
-    if engine != "autograd" and _explicit_engine_fits(prob):
+    if explicit_engine(prob, engine) is not None:
         return _stored_explicit(prob, theta0, outer_loss, need_data, need_labels, need_theta0)
     theta_T, v_T, kept = forward_states(prob, theta0)
     check_finite(theta_T, "θ_T after the inner loop")
