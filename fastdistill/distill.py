@@ -354,11 +354,11 @@ class Distiller:
         glr = torch.zeros_like(self.raw_lrs)
         gbeta = None if betas is None else torch.zeros_like(betas)
         losses = []
-        engine = {"stored": 0, "info": 0}  # what the back-gradient kept for its reverse pass
+        kept = {"stored": 0, "info": 0}  # bytes the back-gradient kept for its reverse pass
 
         def note(stats: Dict[str, Any]) -> None:
-            engine["stored"] = max(engine["stored"], int(stats.get("stored_bytes") or 0))
-            engine["info"] = max(engine["info"], int(stats.get("info_buffer_bytes") or 0))
+            kept["stored"] = max(kept["stored"], int(stats.get("stored_bytes") or 0))
+            kept["info"] = max(kept["info"], int(stats.get("info_buffer_bytes") or 0))
 
         batched = self._batched_meta_gradient(idx, outer, labels, lrs, betas, glab is not None)
         if batched is not None:  # the mean over networks, scaled to the loop's sum
@@ -413,7 +413,7 @@ class Distiller:
                                   f"max_lr {c.max_lr}) at iteration {self.iteration}")
         return {"iteration": self.iteration, "loss": sum(losses) / len(losses),
                 "lr_mean": float(new_lrs.mean()), "outer_lr": self.sched.get_last_lr()[0],
-                "engine_bytes": engine["stored"], "info_buffer_bytes": engine["info"]}
+                "engine_bytes": kept["stored"], "info_buffer_bytes": kept["info"]}
 
     def _batched_meta_gradient(self, idx, outer, labels, lrs, betas, need_labels):
         """All n_nets networks in one batched unroll, or None where the per-network loop runs.

@@ -498,7 +498,7 @@ def _metrics(cfg: DistillConfig, d: Distiller, report: EvalReport, info, eval_s:
         # information buffer for reversible), the largest over the run's iterations
         "engine_bytes_max": max((h.get("engine_bytes", 0) for h in d.history), default=0),
         "info_buffer_bytes_max": max((h.get("info_buffer_bytes", 0) for h in d.history), default=0),
-        # the whole process (dataset, PyTorch runtime, model, engine) at its peak, Linux ru_maxrss
+        # the whole process (dataset, PyTorch runtime, model, engine) at its peak (VmHWM)
         "peak_rss_bytes": peak_rss_bytes(),
         "threads": torch.get_num_threads(), "device": "cpu",
         "versions": {"fastdistill": __version__, "torch": str(torch.__version__),
