@@ -170,6 +170,13 @@ def test_lenet_equals_stored():
         out = meta_gradient(m, th0, x, y, lrs, outer, strategy="checkpointed", **opts)
         assert_same(ref, out)
         assert out.stats["stored_bytes"] < ref.stats["stored_bytes"]
+        # both on LeNet's explicit engine, with the same per-step arithmetic: bit-identical
+        assert out.stats["engine"] == ref.stats["engine"] == "lenet-explicit"
+        for k, v in grads(ref).items():
+            assert torch.equal(grads(out)[k], v), (opts, k)
+    slow = meta_gradient(m, th0, x, y, lrs, outer, strategy="checkpointed", engine="autograd")
+    assert slow.stats["engine"] == "autograd"
+    assert_same(ref, slow)
 
 
 def test_memory_budget_in_bytes():

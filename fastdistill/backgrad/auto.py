@@ -18,8 +18,9 @@ one inner step's differentiable graph saves, *measured* once on step 0 with
 Time per inner step, in gradient evaluations ``g`` (one forward + backward of the inner loss;
 a reverse step, double backward included, costs ~3g on LeNet, see ``benches/``):
 autograd ≈ 3.3g, stored = 4g, checkpointed = 4g + (extra forward steps)/T, reversible ≈ 5.3g
-(two extra gradients and the integer arithmetic); on LeNet, ``stored`` runs the explicit engine
-and costs ≈ 2.7g (measured 7.4 vs 9.2 ms per inner step for autograd, ``benches/RESULTS.md``). ``auto`` picks the smallest predicted time
+(two extra gradients and the integer arithmetic). On LeNet every strategy but ``autograd`` runs
+the explicit engine: stored ≈ 2.7g (measured 7.4 vs 9.2 ms per inner step for autograd),
+checkpointed ≈ 2.7g + (extra forward steps)/T, reversible ≈ 4.1g (1.5 × stored, measured). ``auto`` picks the smallest predicted time
 among the candidates that fit; the estimates and the choice are reported in ``stats["auto"]``.
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = ["auto_strategy", "plan_strategy", "step_graph_bytes", "default_memory
 
 #: predicted cost per inner step in gradient evaluations (measured ratios, see module doc)
 COST_AUTOGRAD, COST_STORED, COST_REVERSIBLE = 3.3, 4.0, 5.3
-COST_STORED_EXPLICIT = 2.7  # stored on the explicit LeNet engine
+COST_STORED_EXPLICIT, COST_REVERSIBLE_EXPLICIT = 2.7, 4.1  # on the explicit LeNet engine
 
 
 def step_graph_bytes(prob: InnerProblem, theta0: Tensor) -> int:
@@ -95,22 +96,23 @@ def plan_strategy(prob: InnerProblem, theta0: Tensor, memory_budget: Optional[in
     T, P, e = prob.T, theta0.numel(), theta0.element_size()
     state = P * e * (2 if prob.momentum else 1)
     G = step_graph_bytes(prob, theta0)
+    explicit = _explicit_engine_fits(prob)
+    cost_stored = COST_STORED_EXPLICIT if explicit else COST_STORED
     est = {
         "autograd": {"bytes": T * (G + state), "cost_per_step": COST_AUTOGRAD},
-        "stored": {"bytes": T * state + 2 * G,
-                   "cost_per_step": COST_STORED_EXPLICIT if _explicit_engine_fits(prob) else COST_STORED},
+        "stored": {"bytes": T * state + 2 * G, "cost_per_step": cost_stored},
     }
     options: Dict[str, dict] = {"autograd": {}, "stored": {}}
     s = min(T, max(1, (budget - 2 * G) // state))
     extra = binomial_cost(T, s) + 1 - T
-    est["checkpointed"] = {"bytes": s * state + 2 * G, "cost_per_step": COST_STORED + extra / T,
+    est["checkpointed"] = {"bytes": s * state + 2 * G, "cost_per_step": cost_stored + extra / T,
                            "max_states": s}
     options["checkpointed"] = {"schedule": "binomial", "max_states": s}
     if prob.momentum:
         pairs, _ = rational_betas(prob.betas.detach().cpu().tolist(), max_denominator)
         buffer = math.ceil(1.6 * theory_bits_per_step(pairs) * T * P / 8)
         est["reversible"] = {"bytes": 24 * P + 3 * P * e + buffer + 2 * G,
-                             "cost_per_step": COST_REVERSIBLE}
+                             "cost_per_step": COST_REVERSIBLE_EXPLICIT if explicit else COST_REVERSIBLE}
         options["reversible"] = {"max_denominator": max_denominator}
     for v in est.values():
         v["fits"] = v["bytes"] <= budget

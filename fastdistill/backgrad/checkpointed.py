@@ -32,7 +32,8 @@ from torch import Tensor
 
 from ..errors import ConfigError
 from .common import InnerProblem, MetaGradient, check_finite
-from .stored import _grad, new_accumulators, outer_grad, reverse_gd_step, reverse_sgdm_step
+from .stored import (_grad, engine_stats, explicit_engine, new_accumulators, outer_grad,
+                     reverse_gd_step, reverse_sgdm_step)
 
 __all__ = ["checkpointed_strategy", "binomial_cost", "binomial_split", "repetitions",
            "uniform_segment", "SCHEDULES"]
@@ -107,8 +108,9 @@ def uniform_segment(T: int, max_states: Optional[int]) -> int:
 class _Run:
     """Forward steps (the arithmetic of ``stored``), reverse steps and the accounting."""
 
-    def __init__(self, prob: InnerProblem, outer_loss, acc: dict, need_theta0: bool):
+    def __init__(self, prob: InnerProblem, outer_loss, acc: dict, need_theta0: bool, eng=None):
         self.prob, self.outer_loss, self.acc, self.need_theta0 = prob, outer_loss, acc, need_theta0
+        self.eng = eng
         self.forward_steps = 0
         self.L = self.theta_T = None
         self.lam = self.dv = self.v_next = None
@@ -116,7 +118,7 @@ class _Run:
     def advance(self, st: State, t: int) -> State:
         """State t → state t+1, exactly as ``stored.forward_states`` computes it."""
         th, v = st
-        g = _grad(self.prob, th, t)
+        g = _grad(self.prob, th, t, self.eng)
         self.forward_steps += 1
         if v is None:
             return th - self.prob.lrs[t].detach() * g, None
@@ -148,9 +150,10 @@ class _Run:
         if prob.momentum:
             self.lam, self.dv, self.v_next = reverse_sgdm_step(
                 prob, st[0], self.v_next, t, self.lam, self.dv, self.acc, need_hvp=need_hvp,
-                v_prev=st[1])
+                v_prev=st[1], eng=self.eng)
         else:
-            self.lam = reverse_gd_step(prob, st[0], t, self.lam, self.acc, need_hvp=need_hvp)
+            self.lam = reverse_gd_step(prob, st[0], t, self.lam, self.acc, need_hvp=need_hvp,
+                                       eng=self.eng)
 
 
 def _binomial(run: _Run, st0: State, T: int, snapshots: int) -> int:
@@ -215,13 +218,15 @@ def checkpointed_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callab
                           *, need_data: bool = True, need_labels: bool = True,
                           need_theta0: bool = True, schedule: str = "binomial",
                           max_states: Optional[int] = None,
-                          memory_budget: Optional[int] = None) -> MetaGradient:
+                          memory_budget: Optional[int] = None, engine: str = "auto") -> MetaGradient:
     """Meta-gradient with a bounded number of stored states; same result as ``stored``.
 
     Options (through ``meta_gradient(..., strategy="checkpointed", **options)``):
         schedule: ``"binomial"`` (revolve, default) or ``"uniform"`` (√T).
         max_states: snapshots held at once, θ_0 included (≥ 1).
         memory_budget: bytes for snapshots; ``max_states = budget // bytes per state``.
+        engine: ``auto`` | ``autograd`` | ``lenet-explicit``, as for ``stored`` (the recomputed
+            states use the same arithmetic as ``stored`` on the same engine).
 
     Works for plain GD and for SGD with momentum (a state is then (θ_t, v_t)).
 
@@ -261,10 +266,11 @@ def checkpointed_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callab
                                    or max_states < 1):
         raise ConfigError(f"max_states must be a positive integer, got {max_states!r}")
     acc = new_accumulators(prob, need_data, need_labels)
-    run = _Run(prob, outer_loss, acc, need_theta0)
+    eng = explicit_engine(prob, engine)
+    run = _Run(prob, outer_loss, acc, need_theta0, eng)
     th0 = theta0.detach().clone()
     st0 = (th0, torch.zeros_like(th0) if prob.momentum else None)
-    stats = {"strategy": "checkpointed", "schedule": schedule}
+    stats = {"strategy": "checkpointed", "schedule": schedule, **engine_stats(eng)}
     if schedule == "binomial":
         s = int(max_states) if max_states is not None else max(1, math.ceil(math.log2(T))) + 1
         s = min(s, T)

@@ -48,7 +48,8 @@ from ..errors import ConfigError
 from .common import InnerProblem, MetaGradient, check_finite
 from .fixedpoint import (FixedPoint, FixedPointOverflowError, InfoBuffer, ReversibilityError,
                          rational_betas, theory_bits_per_step)
-from .stored import _grad, explicit_engine, new_accumulators, outer_grad, reverse_sgdm_step
+from .stored import (_grad, engine_stats, explicit_engine, new_accumulators, outer_grad,
+                     reverse_sgdm_step)
 
 __all__ = ["reversible_strategy", "ReversibleMomentum"]
 
@@ -98,12 +99,7 @@ class ReversibleMomentum:
     # -- the two deterministic roundings, shared by forward and reverse ----------------------------
     def _G(self, theta: Tensor, t: int) -> Tensor:
         """G_t from θ_t as the model sees it (``float_state(Θ_t)``)."""
-        if self.eng is None:
-            g = _grad(self.prob, theta, t)
-        else:
-            s = t % self.prob.steps
-            g = self.eng.loss_grad(theta[None], self.prob.data[s].detach(),
-                                   self.prob.labels[s].detach())[1][0]
+        g = _grad(self.prob, theta, t, self.eng)
         return self.fp.scaled_to_int(g.to(torch.float64) * self.gcoef[t], f"(1−β_{t})·g_{t}")
 
     def _A(self, v_int: Tensor, t: int) -> Tensor:
@@ -223,15 +219,11 @@ def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable
     dth, dv = lam, torch.zeros_like(lam)
     for t, th_t, v_t, v_next in rm.reverse():
         # here dth = ∂L/∂θ_{t+1}, dv = ∂L/∂v_{t+1}; th_t, v_t, v_next are the exact θ_t, v_t, v_{t+1}
-        if rm.eng is None:
-            dth, dv, _ = reverse_sgdm_step(probq, th_t, v_next, t, dth, dv, acc,
-                                           need_hvp=need_theta0 or t > 0, v_prev=v_t)
-        else:
-            dth, dv = _reverse_sgdm_explicit(rm.eng, probq, th_t, v_t, v_next, t, dth, dv, acc)
+        dth, dv, _ = reverse_sgdm_step(probq, th_t, v_next, t, dth, dv, acc,
+                                       need_hvp=need_theta0 or t > 0, v_prev=v_t, eng=rm.eng)
     raw = prob.betas.detach().to(torch.float64).cpu()
     stats = {
-        "strategy": "reversible", "engine": "autograd" if rm.eng is None else rm.eng.name,
-        "stored_bytes": buffer_bytes + 16 * P,
+        "strategy": "reversible", **engine_stats(rm.eng), "stored_bytes": buffer_bytes + 16 * P,
         "recomputed_steps": T, "gradient_evaluations": 3 * T,
         "info_buffer_bytes": buffer_bytes, "spilled_words": spilled,
         "info_bits_per_param_step": bits / (P * T),
@@ -246,23 +238,3 @@ def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable
                         lrs=acc["lrs"], betas=acc["betas"], theta0=dth if need_theta0 else None,
                         stats=stats)
 
-
-def _reverse_sgdm_explicit(eng, prob: InnerProblem, th_t: Tensor, v_t: Tensor, v_next: Tensor,
-                           t: int, dth: Tensor, dv: Tensor, acc: dict) -> Tuple[Tensor, Tensor]:
-    """:func:`~fastdistill.backgrad.stored.reverse_sgdm_step` on the explicit LeNet engine.
-
-    On entry dth = ∂L/∂θ_{t+1}, dv = ∂L/∂v_{t+1}; returns (∂L/∂θ_t, ∂L/∂v_t).
-    """
-    s = t % prob.steps
-    a, b = prob.lrs[t].detach(), prob.betas[t].detach()
-    acc["lrs"][t] = dth @ v_next
-    dv = dv + a * dth
-    g, hv, gx, gy = eng.loss_grad_hvp(th_t[None], prob.data[s].detach(), prob.labels[s].detach(),
-                                      dv[None], need_x=acc["data"] is not None,
-                                      need_y=acc["labels"] is not None)
-    acc["betas"][t] = dv @ (v_t + g[0])
-    if gx is not None:
-        acc["data"][s] -= (1 - b) * gx
-    if gy is not None:
-        acc["labels"][s] -= (1 - b) * gy
-    return dth - (1 - b) * hv[0], b * dv

@@ -12,8 +12,8 @@ graphs of all steps.
 
 Engines (``engine=``): ``autograd`` recomputes each reverse step with double backward (any
 model; the reference). For LeNet, ``auto`` runs the same recursion through the explicit LeNet
-engine (:class:`~fastdistill.models.batched.LeNetBatchedEngine` at K = 1: the gradient and the
-R-operator pass written out, no autograd graph), which makes ``stored`` faster per inner step
+engine (:class:`~fastdistill.models.batched.LeNetBatchedEngine` with one network: the gradient
+and the R-operator pass written out, no autograd graph), which makes ``stored`` faster per step
 than ``autograd`` instead of ~30 % slower (``benches/RESULTS.md``). Both give the same gradients
 (float64 tests at 1e-10); the engine that ran is ``stats["engine"]``.
 """
@@ -30,14 +30,41 @@ from .common import InnerProblem, MetaGradient, check_finite
 __all__ = ["stored_strategy", "STORED_ENGINES", "explicit_engine", "reverse_gd_step", "reverse_sgdm_step", "forward_states"]
 
 
-def _grad(prob: InnerProblem, theta: Tensor, t: int) -> Tensor:
+def _grad(prob: InnerProblem, theta: Tensor, t: int, eng=None) -> Tensor:
+    """g_t = ∇_θ ℓ(x̃_t, ỹ_t; θ) (no graph): by autograd, or by the explicit engine ``eng``."""
+    if eng is not None:
+        s = t % prob.steps
+        return eng.loss_grad(theta.detach()[None], prob.data[s].detach(), prob.labels[s].detach())[1][0]
     th = theta.detach().requires_grad_(True)
     with torch.enable_grad():
         g, = torch.autograd.grad(prob.loss_at(th, t), th)
     return g
 
 
-def forward_states(prob: InnerProblem, theta0: Tensor, keep: Callable[[int], bool] = lambda t: True):
+def _grad_hvp(prob: InnerProblem, theta: Tensor, t: int, v: Tensor, acc: dict, need_hvp: bool, eng):
+    """``(g_t, H_t v or None, ∇_x̃ (v·g_t) or None, ∇_ỹ (v·g_t) or None)`` at θ, step t's batch;
+    the mixed terms only where ``acc`` collects them (soft labels for ỹ)."""
+    s = t % prob.steps
+    need_x, need_y = acc["data"] is not None, acc["labels"] is not None
+    if eng is not None:
+        g, hv, gx, gy = eng.loss_grad_hvp(theta.detach()[None], prob.data[s].detach(),
+                                          prob.labels[s].detach(), v[None], need_x=need_x, need_y=need_y)
+        return g[0], hv[0] if need_hvp else None, gx, gy
+    th = theta.detach().requires_grad_(True)
+    x = prob.data[s].detach().requires_grad_(need_x)
+    y = prob.labels[s].detach().requires_grad_(need_y)
+    with torch.enable_grad():
+        g, = torch.autograd.grad(prob.loss_at(th, t, x, y), th, create_graph=True)
+        inputs = ([th] if need_hvp else []) + [z for z in (x, y) if z.requires_grad]
+        outs = list(torch.autograd.grad(g, inputs, grad_outputs=v, allow_unused=True)) if inputs else []
+    hv = outs.pop(0) if need_hvp else None
+    gx = outs.pop(0) if need_x else None
+    gy = outs.pop(0) if need_y else None
+    return g.detach(), hv, gx, gy
+
+
+def forward_states(prob: InnerProblem, theta0: Tensor, keep: Callable[[int], bool] = lambda t: True,
+                   eng=None):
     """Run the inner loop without a graph; return (θ_T, v_T, {t: (θ_t, v_t)} for kept t)."""
     th = theta0.detach().clone()
     v = torch.zeros_like(th) if prob.momentum else None
@@ -45,7 +72,7 @@ def forward_states(prob: InnerProblem, theta0: Tensor, keep: Callable[[int], boo
     for t in range(prob.T):
         if keep(t):
             kept[t] = (th, v if v is not None else None)
-        g = _grad(prob, th, t)
+        g = _grad(prob, th, t, eng)
         if prob.momentum:
             b = prob.betas[t].detach()
             v = b * v - (1 - b) * g
@@ -56,38 +83,26 @@ def forward_states(prob: InnerProblem, theta0: Tensor, keep: Callable[[int], boo
 
 
 def reverse_gd_step(prob: InnerProblem, theta_t: Tensor, t: int, lam: Tensor, acc: dict,
-                    need_hvp: bool = True) -> Tensor:
+                    need_hvp: bool = True, eng=None) -> Tensor:
     """One reverse step of plain GD: accumulate ∂L/∂η_t, ∂L/∂x̃, ∂L/∂ỹ into ``acc``; return λ_t.
+    ``eng``: the explicit engine (:func:`explicit_engine`) or None for autograd.
 
     Invariant: on entry ``lam`` holds ∂L/∂θ_{t+1}; on exit the returned tensor holds ∂L/∂θ_t.
     """
     s = t % prob.steps
     eta = prob.lrs[t].detach()
-    th = theta_t.detach().requires_grad_(True)
-    x = prob.data[s].detach().requires_grad_(acc["data"] is not None)
-    y = prob.labels[s].detach().requires_grad_(acc["labels"] is not None)
-    with torch.enable_grad():
-        g, = torch.autograd.grad(prob.loss_at(th, t, x, y), th, create_graph=True)
-        acc["lrs"][t] = -(g.detach() @ lam)
-        inputs = ([th] if need_hvp else []) + [z for z in (x, y) if z.requires_grad]
-        if not inputs:
-            return lam
-        outs = list(torch.autograd.grad(g, inputs, grad_outputs=lam, allow_unused=True))
-    hvp = outs.pop(0) if need_hvp else None
-    if x.requires_grad:
-        gx = outs.pop(0)
-        if gx is not None:
-            acc["data"][s] -= eta * gx
-    if y.requires_grad:
-        gy = outs.pop(0)
-        if gy is not None:
-            acc["labels"][s] -= eta * gy
-    return lam - eta * hvp if need_hvp else lam
+    g, hv, gx, gy = _grad_hvp(prob, theta_t, t, lam, acc, need_hvp, eng)
+    acc["lrs"][t] = -(g @ lam)
+    if gx is not None:
+        acc["data"][s] -= eta * gx
+    if gy is not None:
+        acc["labels"][s] -= eta * gy
+    return lam - eta * hv if need_hvp else lam
 
 
 def reverse_sgdm_step(prob: InnerProblem, theta_prev: Tensor, v_t: Tensor, t: int,
                       dtheta: Tensor, dv: Tensor, acc: dict, need_hvp: bool = True,
-                      v_prev: Tensor = None):
+                      v_prev: Tensor = None, eng=None):
     """One reverse step of momentum SGD (Maclaurin et al.'s Algorithm 2 without the exact
     arithmetic): step t maps (θ_t, v_t) to v_{t+1} = β v_t − (1−β) g(θ_t), θ_{t+1} = θ_t + α v_{t+1}.
 
@@ -97,34 +112,24 @@ def reverse_sgdm_step(prob: InnerProblem, theta_prev: Tensor, v_t: Tensor, t: in
         dtheta, dv: ∂L/∂θ_{t+1}, ∂L/∂v_{t+1}.
         v_prev: v_t if the caller kept it; otherwise it is recovered as (v_{t+1} + (1−β) g) / β,
             which is only as exact as the arithmetic (the reversible strategy does it exactly).
+        eng: the explicit engine (:func:`explicit_engine`) or None for autograd.
     Returns:
         (∂L/∂θ_t, ∂L/∂v_t, v_t).
     """
     s = t % prob.steps
     a, b = prob.lrs[t].detach(), prob.betas[t].detach()
-    th = theta_prev.detach().requires_grad_(True)
-    x = prob.data[s].detach().requires_grad_(acc["data"] is not None)
-    y = prob.labels[s].detach().requires_grad_(acc["labels"] is not None)
     acc["lrs"][t] = dtheta @ v_t
-    with torch.enable_grad():
-        g, = torch.autograd.grad(prob.loss_at(th, t, x, y), th, create_graph=True)
-        gd = g.detach()
-        if v_prev is None:
-            v_prev = (v_t + (1 - b) * gd) / b
-        dv = dv + a * dtheta
-        acc["betas"][t] = dv @ (v_prev + gd)
-        inputs = ([th] if need_hvp else []) + [z for z in (x, y) if z.requires_grad]
-        outs = list(torch.autograd.grad(g, inputs, grad_outputs=dv, allow_unused=True)) if inputs else []
+    dv = dv + a * dtheta
+    gd, hv, gx, gy = _grad_hvp(prob, theta_prev, t, dv, acc, need_hvp, eng)
+    if v_prev is None:
+        v_prev = (v_t + (1 - b) * gd) / b
+    acc["betas"][t] = dv @ (v_prev + gd)
     if need_hvp:
-        dtheta = dtheta - (1 - b) * outs.pop(0)
-    if x.requires_grad:
-        gx = outs.pop(0)
-        if gx is not None:
-            acc["data"][s] -= (1 - b) * gx
-    if y.requires_grad:
-        gy = outs.pop(0)
-        if gy is not None:
-            acc["labels"][s] -= (1 - b) * gy
+        dtheta = dtheta - (1 - b) * hv
+    if gx is not None:
+        acc["data"][s] -= (1 - b) * gx
+    if gy is not None:
+        acc["labels"][s] -= (1 - b) * gy
     return dtheta, b * dv, v_prev
 
 
@@ -180,9 +185,8 @@ def stored_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable[[Te
     Raises:
         ConfigError: an unknown engine, or ``lenet-explicit`` for a model that is not LeNet.
     """
-    if explicit_engine(prob, engine) is not None:
-        return _stored_explicit(prob, theta0, outer_loss, need_data, need_labels, need_theta0)
-    theta_T, v_T, kept = forward_states(prob, theta0)
+    eng = explicit_engine(prob, engine)
+    theta_T, v_T, kept = forward_states(prob, theta0, eng=eng)
     check_finite(theta_T, "θ_T after the inner loop")
     L, lam = outer_grad(outer_loss, theta_T)
     acc = new_accumulators(prob, need_data, need_labels)
@@ -191,28 +195,24 @@ def stored_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable[[Te
         for t in range(prob.T - 1, -1, -1):
             # at the top of step t: dth = ∂L/∂θ_{t+1}, dv = ∂L/∂v_{t+1}, v = v_{t+1}
             dth, dv, v = reverse_sgdm_step(prob, kept[t][0], v, t, dth, dv, acc,
-                                           need_hvp=need_theta0 or t > 0, v_prev=kept[t][1])
+                                           need_hvp=need_theta0 or t > 0, v_prev=kept[t][1], eng=eng)
         lam = dth
     else:
         for t in range(prob.T - 1, -1, -1):
-            lam = reverse_gd_step(prob, kept[t][0], t, lam, acc, need_hvp=need_theta0 or t > 0)
+            # top of step t: lam = ∂L/∂θ_{t+1}
+            lam = reverse_gd_step(prob, kept[t][0], t, lam, acc, need_hvp=need_theta0 or t > 0, eng=eng)
     P = theta0.numel()
     per_state = P * theta0.element_size() * (2 if prob.momentum else 1)
     return MetaGradient(loss=L, theta_T=theta_T, data=acc["data"], labels=acc["labels"],
                         lrs=acc["lrs"], betas=acc["betas"], theta0=lam if need_theta0 else None,
-                        stats={"strategy": "stored", "engine": "autograd",
+                        stats={"strategy": "stored", **engine_stats(eng),
                                "stored_bytes": prob.T * per_state, "recomputed_steps": prob.T})
 
 
-def _stored_explicit(prob: InnerProblem, theta0: Tensor, outer_loss, need_data: bool,
-                     need_labels: bool, need_theta0: bool) -> MetaGradient:
-    """``stored`` through the explicit LeNet engine: one network of the batched unroll."""
-    from .batched import meta_gradient_batched  # batched imports this module's siblings
-    out = meta_gradient_batched(prob.model, theta0.detach()[None], prob.data, prob.labels, prob.lrs,
-                                outer_loss, betas=prob.betas, engine="lenet-explicit",
-                                need_data=need_data, need_labels=need_labels, need_theta0=need_theta0)
-    return MetaGradient(loss=out.loss, theta_T=out.theta_T[0], data=out.data, labels=out.labels,
-                        lrs=out.lrs, betas=out.betas, theta0=out.theta0[0] if need_theta0 else None,
-                        stats={"strategy": "stored", "engine": out.stats["engine"],
-                               "stored_bytes": out.stats["stored_bytes"],
-                               "recomputed_steps": prob.T, "backends": out.stats["backends"]})
+def engine_stats(eng) -> dict:
+    """``{"engine": name}`` and, for the explicit engine, which backend ran each layer op."""
+    if eng is None:
+        return {"engine": "autograd"}
+    from .batched import _op_backends
+    return {"engine": eng.name, "backends": _op_backends(eng)}
+
