@@ -384,7 +384,7 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
         last_acc: List[Optional[float]] = [None]
         # without a bar (stderr not a terminal: a log file, nohup, CI) a line at least every
         # HEARTBEAT_S seconds says how far the run is and when it should end
-        beat = {"t0": time.perf_counter(), "i0": distiller.iteration, "last": time.perf_counter()}
+        beat = {"i": distiller.iteration, "last": time.perf_counter()}
 
         def on_step(rec: Dict[str, Any]) -> None:
             now = time.perf_counter()
@@ -393,14 +393,14 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
                 if bar is None:
                     say(f"iteration {rec['iteration']}/{distiller.iterations}: loss {rec['loss']:.4f}, "
                         f"mean lr {rec['lr_mean']:.4g}, accuracy {100 * rec['eval_acc']:.2f}%")
-                    beat["last"] = now
+                    beat.update(i=rec["iteration"], last=now)
             elif bar is None and now - beat["last"] >= HEARTBEAT_S:
-                done = rec["iteration"] - beat["i0"]
-                per_it = (now - beat["t0"]) / max(done, 1)
+                # the rate since the previous line (a suspended or slowed process shows it)
+                per_it = (now - beat["last"]) / max(rec["iteration"] - beat["i"], 1)
                 say(f"iteration {rec['iteration']}/{distiller.iterations}: loss {rec['loss']:.4f}, "
                     f"mean lr {rec['lr_mean']:.4g}, {per_it:.3g} s/it, about "
                     f"{_fmt_duration(per_it * (distiller.iterations - rec['iteration']))} left")
-                beat["last"] = now
+                beat.update(i=rec["iteration"], last=now)
             if bar is not None:
                 post = {"loss": f"{rec['loss']:.4f}", "lr": f"{rec['lr_mean']:.3g}"}
                 if last_acc[0] is not None:
