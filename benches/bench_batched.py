@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
@@ -47,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fastdistill._memory import cpu_model  # noqa: E402
 from fastdistill.backgrad import (make_batched_outer_loss, meta_gradient_batched,  # noqa: E402
                                   meta_gradient_batched_reference)
 from fastdistill.backgrad.common import InnerProblem  # noqa: E402
@@ -61,16 +61,6 @@ N_IMAGES, S, E, REAL_BATCH, LR, SEED = 10, 10, 3, 1024, 0.02, 0
 DTYPE = torch.float32
 STEP_IMPLS = ("reference", "batched-autograd", "batched")
 META_IMPLS = ("reference", "batched")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def thetas(model: LeNet, K: int) -> torch.Tensor:

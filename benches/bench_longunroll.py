@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -59,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from fastdistill._memory import peak_rss_bytes  # noqa: E402
+from fastdistill._memory import cpu_model, peak_rss_bytes  # noqa: E402
 from fastdistill.backgrad import STRATEGIES, make_outer_loss, meta_gradient  # noqa: E402
 from fastdistill.backgrad.auto import step_graph_bytes  # noqa: E402
 from fastdistill.backgrad.common import InnerProblem  # noqa: E402
@@ -172,16 +171,6 @@ def run_child(name: str, T: int, timeout: float = 3 * 3600) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"child {cfg} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_all(Ts, names, out_json: str) -> None:

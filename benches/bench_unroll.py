@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -70,7 +69,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # the child process and a bare `pytest` both need the package
     sys.path.insert(0, str(REPO))
 
-from fastdistill._memory import peak_rss_bytes  # noqa: E402
+from fastdistill._memory import cpu_model, peak_rss_bytes  # noqa: E402
 from fastdistill.backgrad import STRATEGIES, make_outer_loss, meta_gradient  # noqa: E402
 from fastdistill.models import LeNet  # noqa: E402
 
@@ -118,16 +117,6 @@ MEMORY_MODEL: Dict[str, Callable[[int, int, int], int]] = {
     "autograd": lambda T, step_graph, state: T * step_graph,
     "stored": lambda T, step_graph, state: T * state + step_graph,
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def rounds_for(T: int) -> int:

@@ -1,4 +1,4 @@
-"""Peak resident memory of this process, for benchmarks and run metrics.
+"""Peak resident memory of this process and the CPU's name, for benchmarks and run metrics.
 
 ``ru_maxrss`` is the wrong meter for a child process: Linux carries the parent's high-water mark
 across fork + exec, so a small child started by a 1 GB parent reports 1 GB. ``VmHWM`` in
@@ -7,11 +7,12 @@ across fork + exec, so a small child started by a 1 GB parent reports 1 GB. ``Vm
 """
 from __future__ import annotations
 
+import platform
 import resource
 import sys
 from typing import Optional
 
-__all__ = ["peak_rss_bytes", "current_rss_bytes", "reset_peak_rss"]
+__all__ = ["peak_rss_bytes", "current_rss_bytes", "reset_peak_rss", "cpu_model"]
 
 
 def _status_kib(field: str) -> Optional[int]:
@@ -48,3 +49,15 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
