@@ -66,12 +66,19 @@ class ReversibleMomentum:
             deterministic, used for the forward and the reverse alike), ``autograd``,
             ``lenet-explicit``.
 
-    Example (``prob`` an :class:`InnerProblem` with betas)::
+    Example::
 
-        >>> rm = ReversibleMomentum(prob, theta0)
-        >>> rm.forward()                       # Θ_T, V_T and the information buffer
+        >>> import torch
+        >>> from fastdistill.models import LeNet
+        >>> m = LeNet(); th0 = m.init("xavier", torch.Generator().manual_seed(0))
+        >>> x = torch.randn(1, 10, 1, 28, 28); y = torch.arange(10).view(1, 10)
+        >>> prob = InnerProblem(m, x, y, torch.full((5,), 0.02), torch.full((5,), 0.9))
+        >>> rm = ReversibleMomentum(prob, th0)
+        >>> theta_T = rm.forward()             # Θ_T, V_T and the information buffer
         >>> for t, th_t, v_t, v_next in rm.reverse():
         ...     pass                           # exact θ_t, v_t, v_{t+1} for t = T−1 … 0
+        >>> torch.equal(rm.theta, rm.theta0_int), bool(rm.v.any())   # back at Θ_0, V_0 = 0
+        (True, False)
     """
 
     def __init__(self, prob: InnerProblem, theta0: Tensor, *, radix_bits: int = 52,

@@ -27,7 +27,8 @@ from torch import Tensor
 from ..errors import ConfigError
 from .common import InnerProblem, MetaGradient, check_finite
 
-__all__ = ["stored_strategy", "STORED_ENGINES", "explicit_engine", "reverse_gd_step", "reverse_sgdm_step", "forward_states"]
+__all__ = ["stored_strategy", "STORED_ENGINES", "explicit_engine", "engine_stats", "reverse_gd_step",
+           "reverse_sgdm_step", "forward_states"]
 
 
 def _grad(prob: InnerProblem, theta: Tensor, t: int, eng=None) -> Tensor:
