@@ -8,65 +8,12 @@ The same meter, with timing and peak RSS, is in ``benches/bench_unroll.py``.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable
-
 import pytest
 import torch
 
+from fastdistill._memory import SavedTensorMeter
 from fastdistill.backgrad import make_outer_loss, meta_gradient
 from fastdistill.models import LeNet
-
-
-class SavedTensorMeter:
-    """Live and peak bytes of the storages autograd holds for backward inside the context."""
-
-    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self._excluded = {t.untyped_storage().data_ptr() for t in exclude}
-        self._refs: Dict[int, list] = {}  # storage ptr -> [handles alive, nbytes]
-        self.live = self.peak = 0
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda h: h.tensor)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-    def _pack(self, tensor):
-        return _Handle(self, tensor)
-
-    def acquire(self, ptr: int, nbytes: int) -> None:
-        if ptr in self._excluded:
-            return
-        if ptr in self._refs:
-            self._refs[ptr][0] += 1
-            return
-        self._refs[ptr] = [1, nbytes]
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-
-    def release(self, ptr: int) -> None:
-        ref = self._refs.get(ptr)
-        if ref is not None:
-            ref[0] -= 1
-            if ref[0] == 0:
-                self.live -= ref[1]
-                del self._refs[ptr]
-
-
-class _Handle:
-    """Holds a saved tensor for as long as the graph node does (so its storage stays put)."""
-
-    __slots__ = ("tensor", "ptr", "meter")
-
-    def __init__(self, meter, tensor):
-        storage = tensor.untyped_storage()
-        self.tensor, self.ptr, self.meter = tensor, storage.data_ptr(), meter
-        meter.acquire(self.ptr, storage.nbytes())
-
-    def __del__(self):
-        self.meter.release(self.ptr)
 
 
 MODEL = LeNet()
