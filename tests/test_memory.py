@@ -4,7 +4,7 @@ The claim (ALGORITHMS.md §4): ``stored`` keeps θ_t (P numbers) per step and on
 double-backward graph at a time, while ``autograd`` keeps every step's graph alive. We count the
 bytes autograd saves for backward with ``torch.autograd.graph.saved_tensors_hooks`` (live and peak,
 per unique storage, the test's own inputs excluded) on a tiny LeNet problem at several T.
-The same meter, with timing and peak RSS, is in ``benches/bench_unroll.py``.
+The meter (``fastdistill._memory.SavedTensorMeter``) is the one ``benches/bench_unroll.py`` reports.
 """
 from __future__ import annotations
 
