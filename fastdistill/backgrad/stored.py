@@ -13,7 +13,7 @@ graphs of all steps.
 Engines (``engine=``): ``autograd`` recomputes each reverse step with double backward (any
 model; the reference). For LeNet, ``auto`` runs the same recursion through the explicit LeNet
 engine (:class:`~fastdistill.models.batched.LeNetBatchedEngine` with one network: the gradient
-and the R-operator pass written out, no autograd graph), which makes ``stored`` faster per step
+and the R-operator pass written out, no autograd graph), which makes ``stored`` no slower per step
 than ``autograd`` instead of 9–46 % slower (``benches/RESULTS.md``). Both give the same gradients
 (float64 tests at 1e-10); the engine that ran is ``stats["engine"]``.
 """
