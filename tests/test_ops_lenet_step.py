@@ -166,3 +166,21 @@ def test_cpp_checks_parameter_count():
         torch.ops.fastdistill.lenet_grad(th[:, :-1].contiguous(), x, Y, 0.1, 2)
     with pytest.raises(RuntimeError, match="28×28"):
         torch.ops.fastdistill.lenet_grad(th, x, Y, 0.1, 0)
+
+
+def test_outer_loss_modes_agree():
+    """DD's outer loss on real images: per-network autograd, the batched engine (C++ step in
+    chunks of OUTER_IMAGES_PER_NET images when built) and auto give one (L, ∇_θ L)."""
+    from fastdistill.backgrad import make_batched_outer_loss
+    from fastdistill.backgrad.batched import OUTER_IMAGES_PER_NET, _runs_lenet_step_cpp
+    m, th, _, _, _ = _problem(K=3)
+    g = torch.Generator().manual_seed(3)
+    n = OUTER_IMAGES_PER_NET + 7                                   # more than one chunk
+    xr, yr = torch.randn(n, 1, 28, 28, generator=g, dtype=th.dtype), torch.randint(0, 10, (n,), generator=g)
+    eng = LeNetBatchedEngine(m)
+    assert _runs_lenet_step_cpp(eng, th.device) == CPP
+    assert not _runs_lenet_step_cpp(LeNetBatchedEngine(m, backend="reference"), th.device)
+    L0, g0 = make_batched_outer_loss(m, xr, yr, mode="per-network").loss_grad(th, eng)
+    for mode in ("auto", "batched"):
+        L, gr = make_batched_outer_loss(m, xr, yr, mode=mode).loss_grad(th, eng)
+        assert _rel(L, L0) < 1e-12 and _rel(gr, g0) < 1e-12
