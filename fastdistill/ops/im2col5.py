@@ -12,9 +12,10 @@ input gradient of the convolution after its GEMM.
 
 :func:`im2col5_reference` / :func:`col2im5_reference` (strided views; 25 shifted adds) are the
 specification and the fallback. The ``cpp`` and ``cuda`` backends (``torch.ops.fastdistill.*``,
-csrc/cpu/lenet_ops.cpp, csrc/cuda/lenet_ops.cu) compute bitwise the same values in one pass
-(PyTorch's own ``F.unfold``/``F.fold`` are several times slower at these sizes). Both are
-differentiable (each is the other's backward).
+csrc/cpu/lenet_ops.cpp, csrc/cuda/lenet_ops.cu) and the ``triton`` backend (kernels/im2col5.py;
+col2im5 as a deterministic gather-sum) compute bitwise the same values in one pass (PyTorch's
+own ``F.unfold``/``F.fold`` are several times slower at these sizes). Both are differentiable
+(each is the other's backward) on every backend.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def im2col5(a: Tensor, pad: int = 0, *, backend: Optional[str] = None) -> Tensor
     Args:
         a: ``[B, C, M, H, W]``, float32 or float64.
         pad: zero padding on every side (LeNet's conv1 at 28 px: 2).
-        backend: force ``"reference"`` or ``"cpp"`` (default: the registry's choice).
+        backend: force ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"`` (default: the
+            registry's choice).
     Returns:
         ``[B, C·25, M·H'·W']``, ``H' = H + 2·pad − 4``.
     Raises:
@@ -159,3 +161,48 @@ _backend.register(OP_IM2COL, "cuda", {"cuda"}, lambda a, pad: torch.ops.fastdist
 _backend.register(OP_COL2IM, "cuda", {"cuda"},
                   lambda d, H, W, pad: torch.ops.fastdistill.col2im5(d, H, W, pad),
                   available=_has(OP_COL2IM, "CUDA"))
+
+
+# ------------------------------------------------------------------------------ triton backend
+# Each op is the other's VJP, so each autograd.Function's backward calls the other triton op
+# (differentiable again: any order).
+class _TritonIm2col5(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, pad):
+        from .._kernels.im2col5 import im2col5 as launch
+        ctx.H, ctx.W, ctx.pad = a.shape[3], a.shape[4], pad
+        return launch(a, pad)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _triton_col2im5(grad.contiguous(), ctx.H, ctx.W, ctx.pad), None
+
+
+class _TritonCol2im5(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, d, H, W, pad):
+        from .._kernels.im2col5 import col2im5 as launch
+        ctx.pad = pad
+        return launch(d, H, W, pad)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _triton_im2col5(grad.contiguous(), ctx.pad), None, None, None
+
+
+def _triton_im2col5(a, pad):
+    if torch.is_grad_enabled() and a.requires_grad:
+        return _TritonIm2col5.apply(a, pad)
+    from .._kernels.im2col5 import im2col5 as launch
+    return launch(a, pad)
+
+
+def _triton_col2im5(d, H, W, pad):
+    if torch.is_grad_enabled() and d.requires_grad:
+        return _TritonCol2im5.apply(d, H, W, pad)
+    from .._kernels.im2col5 import col2im5 as launch
+    return launch(d, H, W, pad)
+
+
+_backend.register(OP_IM2COL, "triton", {"cuda", "cpu"}, _triton_im2col5)
+_backend.register(OP_COL2IM, "triton", {"cuda", "cpu"}, _triton_col2im5)

@@ -11,9 +11,12 @@ Maths (one plane, pooled position o with window w(o))::
 
 Adding the bias after the pool is exact: a per-plane constant does not move the maximum.
 :func:`pool2_relu_reference` & co. are the specification and the fallback; the ``cpp`` and
-``cuda`` backends (``torch.ops.fastdistill.pool2_relu*``) fuse each into one pass. The forward
-and the tangent round exactly like the references; the backward's bias sum runs in a fixed
-order of its own (equal to the reference's ``sum`` to round-off).
+``cuda`` backends (``torch.ops.fastdistill.pool2_relu*``) and the ``triton`` backend
+(``kernels/pool2_relu.py``) fuse each into one pass. The forward and the tangent round exactly
+like the references; the backward's bias sum runs in a fixed order of its own (equal to the
+reference's ``sum`` to round-off). The three ops are each other's adjoints (the tangent's VJP is
+the backward, the backward's VJP is the tangent), which is how the triton backend differentiates
+them, to any order.
 """
 from __future__ import annotations
 
@@ -91,7 +94,8 @@ def pool2_relu(z: Tensor, bias: Tensor, *, backend: Optional[str] = None) -> Tup
     Args:
         z: ``[P, M, H, W]`` pre-pool conv outputs (H, W even), float32/float64.
         bias: ``[P]``, one per plane.
-        backend: force ``"reference"`` or ``"cpp"``.
+        backend: force ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"`` (default: the
+            registry's choice).
     Returns:
         ``(a, idx)``: ``[P, M, H/2, W/2]`` activations and the int64 flat argmax in each H×W plane.
     Raises:
@@ -193,3 +197,84 @@ def _has(op: str, key: str = "CPU"):
 for _op in OPS:
     _backend.register(_op, "cpp", {"cpu"}, _dispatcher(_op), available=_has(_op))
     _backend.register(_op, "cuda", {"cuda"}, _dispatcher(_op), available=_has(_op, "CUDA"))
+
+
+# ------------------------------------------------------------------------------ triton backend
+# The three ops are mutual adjoints (idx and the ReLU mask are constant almost everywhere):
+# VJP(forward) = backward, VJP(tangent) = backward, VJP(backward) = the tangent per stack entry.
+# Each triton op is an autograd.Function whose backward calls another one, so the backward is
+# itself differentiable (double backward through pool2_relu works as with the reference).
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _TritonPool2Relu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, bias):
+        from .._kernels.pool2_relu import pool2_relu as launch
+        a, idx = launch(z, bias)
+        ctx.save_for_backward(idx, a)
+        ctx.mark_non_differentiable(idx)
+        return a, idx
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_idx):
+        idx, a = ctx.saved_tensors
+        dz, db = _triton_backward(grad_a.contiguous().unsqueeze(0), idx, a)
+        return dz[0], db[0]
+
+
+class _TritonPool2ReluTangent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zd, bias_d, idx, a):
+        from .._kernels.pool2_relu import pool2_relu_tangent as launch
+        ctx.save_for_backward(idx, a)
+        return launch(zd, bias_d, idx, a)
+
+    @staticmethod
+    def backward(ctx, grad):
+        idx, a = ctx.saved_tensors
+        dz, db = _triton_backward(grad.contiguous().unsqueeze(0), idx, a)
+        return dz[0], db[0], None, None
+
+
+class _TritonPool2ReluBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, d, idx, a):
+        from .._kernels.pool2_relu import pool2_relu_backward as launch
+        ctx.save_for_backward(idx, a)
+        return launch(d, idx, a)
+
+    @staticmethod
+    def backward(ctx, grad_dz, grad_db):
+        idx, a = ctx.saved_tensors
+        S = grad_dz.shape[0]
+        grad_dz, grad_db = grad_dz.contiguous(), grad_db.contiguous()
+        dd = torch.stack([_triton_tangent(grad_dz[s], grad_db[s], idx, a) for s in range(S)])
+        return dd, None, None
+
+
+def _triton_forward(z, bias):
+    if _needs_grad(z, bias):
+        return _TritonPool2Relu.apply(z, bias)
+    from .._kernels.pool2_relu import pool2_relu as launch
+    return launch(z, bias)
+
+
+def _triton_tangent(zd, bias_d, idx, a):
+    if _needs_grad(zd, bias_d):
+        return _TritonPool2ReluTangent.apply(zd, bias_d, idx, a)
+    from .._kernels.pool2_relu import pool2_relu_tangent as launch
+    return launch(zd, bias_d, idx, a)
+
+
+def _triton_backward(d, idx, a):
+    if _needs_grad(d):
+        return _TritonPool2ReluBackward.apply(d, idx, a)
+    from .._kernels.pool2_relu import pool2_relu_backward as launch
+    return launch(d, idx, a)
+
+
+_backend.register("pool2_relu", "triton", {"cuda", "cpu"}, _triton_forward)
+_backend.register("pool2_relu_tangent", "triton", {"cuda", "cpu"}, _triton_tangent)
+_backend.register("pool2_relu_backward", "triton", {"cuda", "cpu"}, _triton_backward)
