@@ -12,8 +12,11 @@ Two cases, each with the reference beside the fast paths in one group:
 * ``step-K{K}`` -- one **network-step** for K networks: the forward step (``g = ∇_θ ℓ``) and the
   reverse step (``g``, the HVP ``H λ`` and ``∇_x̃ (λ·g)``) of plain GD, LeNet, n = 10 MNIST-shaped
   images, float32. ``reference``: K × (``stored``'s ``_grad`` + ``reverse_gd_step``), the
-  engine's per-network code; ``batched-autograd``: all K through ``batched_apply`` and double
-  backward; ``batched``: the explicit LeNet engine. Reported per network-step (÷ K) and in
+  engine's per-network code on per-step double backward; ``batched-autograd``: all K through
+  ``batched_apply`` and double backward; ``batched-torch``: the explicit LeNet engine on torch
+  ops (``lenet_step``'s reference backend: batched GEMMs over K + the C++ layer ops);
+  ``batched``: the same engine on ``lenet_step``'s C++ backend (one network per thread, the
+  whole step fused, sequential BLAS). Reported per network-step (÷ K) and in
   GFLOP/s, with the FLOPs of one reference network-step counted by
   ``torch.utils.flop_counter.FlopCounterMode`` (GEMMs and convolutions, backward included) --
   the same useful work for every implementation.
@@ -21,7 +24,9 @@ Two cases, each with the reference beside the fast paths in one group:
   S = 10 distilled steps of 10 images, E = 3 epochs (T = 30), η = 0.02, outer loss on a real
   batch of 1024 (random N(0, 1) images, random labels), ∂L/∂x̃ and ∂L/∂η averaged over the K
   networks. ``reference``: :func:`meta_gradient_batched_reference` (K ``stored`` unrolls one
-  after another: what ``Distiller.step`` ran before); ``batched``: :func:`meta_gradient_batched`.
+  after another on per-step double backward); ``batched-torch`` / ``batched``:
+  :func:`meta_gradient_batched` with ``lenet_step`` forced to its reference backend / on the C++
+  backend (the default; its outer loss then also runs the C++ step, in 32-image chunks).
 
 On a loaded shared machine wall time mostly measures the scheduler; with one thread,
 ``--benchmark-timer=time.process_time`` measures the CPU time the process actually got (what
@@ -46,21 +51,22 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from fastdistill import _backend  # noqa: E402
 from fastdistill._memory import cpu_model  # noqa: E402
 from fastdistill.backgrad import (make_batched_outer_loss, meta_gradient_batched,  # noqa: E402
                                   meta_gradient_batched_reference)
 from fastdistill.backgrad.common import InnerProblem  # noqa: E402
 from fastdistill.backgrad.stored import _grad, reverse_gd_step  # noqa: E402
 from fastdistill.models import LeNet  # noqa: E402
-from fastdistill.models.batched import batched_engine  # noqa: E402
+from fastdistill.models.batched import LeNetBatchedEngine, batched_engine  # noqa: E402
 
 THREADS = int(os.environ.get("FASTDISTILL_BENCH_THREADS", "2"))
 STEP_K = [int(k) for k in os.environ.get("FASTDISTILL_BENCH_K", "1,4,16,64").split(",") if k.strip()]
 META_K = [int(k) for k in os.environ.get("FASTDISTILL_BENCH_META_K", "4,16").split(",") if k.strip()]
 N_IMAGES, S, E, REAL_BATCH, LR, SEED = 10, 10, 3, 1024, 0.02, 0
 DTYPE = torch.float32
-STEP_IMPLS = ("reference", "batched-autograd", "batched")
-META_IMPLS = ("reference", "batched")
+STEP_IMPLS = ("reference", "batched-autograd", "batched-torch", "batched")
+META_IMPLS = ("reference", "batched-torch", "batched")
 
 
 def thetas(model: LeNet, K: int) -> torch.Tensor:
@@ -122,8 +128,10 @@ def meta_problem(K: int):
 
 
 def run_meta(impl: str, m, th0, data, labels, lrs, outer):
-    fn = meta_gradient_batched if impl == "batched" else meta_gradient_batched_reference
-    return fn(m, th0, data, labels, lrs, outer, need_theta0=False)
+    if impl == "reference":
+        return meta_gradient_batched_reference(m, th0, data, labels, lrs, outer, need_theta0=False)
+    with _backend.use_backend("reference" if impl == "batched-torch" else "auto", op="lenet_step"):
+        return meta_gradient_batched(m, th0, data, labels, lrs, outer, need_theta0=False)
 
 
 # -- the suite -------------------------------------------------------------------------------
@@ -136,6 +144,9 @@ def _threads():
 
 
 def _info(benchmark, **kw):
+    if kw.get("impl", "").startswith("batched-") or kw.get("impl") == "batched":
+        used = _backend.last_used("lenet_step")
+        kw["lenet_step_backend"] = used.backend if used is not None and kw["impl"] != "batched-autograd" else None
     benchmark.extra_info.update({"dtype": str(DTYPE).replace("torch.", ""), "torch": torch.__version__,
                                  "threads": torch.get_num_threads(), "cpu": cpu_model(),
                                  "cores": os.cpu_count(), **kw})
@@ -150,8 +161,10 @@ def test_network_step(benchmark, case, K, impl):
     m, th, prob, lam = step_problem(K)
     if impl == "reference":
         fn, args = reference_steps, (prob, th, lam)
+    elif impl == "batched-autograd":
+        fn, args = batched_steps, (batched_engine(m, "autograd"), prob, th, lam)
     else:
-        fn, args = batched_steps, (batched_engine(m, "autograd" if impl == "batched-autograd" else "auto"),
+        fn, args = batched_steps, (LeNetBatchedEngine(m, backend="reference" if impl == "batched-torch" else None),
                                    prob, th, lam)
     rounds = max(5, min(30, 240 // K))
     load0 = os.getloadavg()[0]
