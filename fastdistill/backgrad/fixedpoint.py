@@ -27,8 +27,13 @@ Three pieces, each exactly invertible in int64:
   digit r the division destroys; B grows by ``log2(d/n) = log2(1/β)`` bits per step. The
   result ``floor((X·n + e)/d)`` is within one unit of ``X·n/d`` (Maclaurin et al.'s Alg. 3
   divides first, ``(X div d)·n + e``, and errs by up to n units). ``X·n`` can exceed int64,
-  so the product is formed in two limbs ``X = H·2^30 + L`` (:func:`_muldiv`), exact for
-  ``|X| < 2^61`` and ``n, d ≤ 2^20``; its divisions run in float64, exact below 2^53.
+  so the product is formed in two limbs ``X = H·2^30 + L``, exact for every int64 ``X`` and
+  ``n, d ≤ 2^20``. One step of this, for all P parameters and their live words at once
+  (restart of the spilled words included), is the op
+  :func:`~fastdistill.ops.fixedpoint_mul.fixedpoint_mul` (inverse
+  :func:`~fastdistill.ops.fixedpoint_mul.fixedpoint_unmul`): a plain-PyTorch reference, a
+  fused C++ kernel (``auto`` on CPU), a Triton kernel, all bitwise equal. The word stack and
+  the spill records below stay here, in Python.
 
 Chunking the unbounded integer ``B`` into int64 words. Each parameter keeps a *live word*
 ``c``; a full live word is *spilled* (appended to a shared int64 word stack) and replaced by a
@@ -64,6 +69,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, DivergenceError, FastDistillError
+from ..ops.fixedpoint_mul import MAX_DENOMINATOR, fixedpoint_mul, fixedpoint_unmul, spill_threshold
 
 __all__ = ["FixedPoint", "InfoBuffer", "rational_betas", "FixedPointOverflowError",
            "ReversibilityError", "STATE_LIMIT", "MAX_DENOMINATOR", "theory_bits_per_step"]
@@ -151,44 +157,6 @@ def rational_betas(betas: Sequence[float], max_denominator: int = 1 << 16) -> Tu
     return pairs, values
 
 
-_LIMB_BITS = 30
-_LIMB_MASK = (1 << _LIMB_BITS) - 1
-#: largest rational denominator: keeps every partial quotient below 2^53 (exact in float64).
-MAX_DENOMINATOR = 1 << 20
-
-
-def _divmod_small(N: Tensor, b: int) -> Tuple[Tensor, Tensor]:
-    """Floor ``(N div b, N mod b)`` for int64 ``|N| < 2^53`` and ``1 ≤ b ≤ 2^20``, via float64.
-
-    Exact: ``float64(N)`` is exact, and the correctly rounded quotient ``fl(N/b)`` differs from
-    ``N/b`` by at most ``|N/b|·2^-53 < 1/b``, while a non-integer ``N/b`` lies at least ``1/b``
-    from the nearest integer, so the floor is never pushed across one. (int64 division runs
-    ~10× slower than this on CPUs.)
-    """
-    q = N.to(torch.float64).div_(b).floor_().to(torch.int64)
-    return q, torch.sub(N, q, alpha=b)
-
-
-def _divmod(N: Tensor, b: int) -> Tuple[Tensor, Tensor]:
-    """Floor ``(N div b, N mod b)`` for any int64 ``N`` and ``1 ≤ b ≤ 2^20`` (two 30-bit limbs)."""
-    qh, rh = _divmod_small(N >> _LIMB_BITS, b)          # |N >> 30| < 2^33
-    ql, r = _divmod_small((rh << _LIMB_BITS) + (N & _LIMB_MASK), b)  # < 2^50 + 2^30
-    return qh * (1 << _LIMB_BITS) + ql, r
-
-
-def _muldiv(X: Tensor, a: int, b: int, c: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(floor((X·a + c)/b), (X·a + c) mod b)`` without forming ``X·a`` in int64.
-
-    Exact for ``|X| < 2^61``, ``1 ≤ a, b ≤ 2^20`` and ``0 ≤ c < 2^20``: with
-    ``X = H·2^30 + L`` (``0 ≤ L < 2^30``; arithmetic shift and mask are floor div/mod),
-    ``H·a = q_h·b + r_h`` and ``r_h·2^30 + L·a + c = q_l·b + r_l``, both numerators stay
-    below 2^51 and ``X·a + c = (q_h·2^30 + q_l)·b + r_l``.
-    """
-    qh, rh = _divmod_small((X >> _LIMB_BITS) * a, b)
-    ql, r = _divmod_small((rh << _LIMB_BITS) + (X & _LIMB_MASK) * a + c, b)
-    return qh * (1 << _LIMB_BITS) + ql, r
-
-
 class _WordStack:
     """A LIFO of int64 words stored in fixed-size chunks (no reallocation of what is kept)."""
 
@@ -245,7 +213,7 @@ class InfoBuffer:
 
     def __init__(self, numel: int, pairs: Sequence[Tuple[int, int]], device=None):
         self.floor = max([1] + [-(-(n + (n - 1) * d) // (d - n)) for n, d in pairs])
-        spill_min = min([_INT64_MAX] + [n * ((_INT64_MAX + 1 - d) // d) for n, d in pairs])
+        spill_min = min([_INT64_MAX] + [spill_threshold(n, d) for n, d in pairs])
         if spill_min < self.floor << 8:  # a word would carry fewer than 8 bits
             worst = max(pairs, key=lambda p: p[0] / p[1])
             raise ConfigError(f"β = {worst[0]}/{worst[1]} is too close to 1 for a 64-bit information "
@@ -258,24 +226,19 @@ class InfoBuffer:
     def mul(self, X: Tensor, n: int, d: int, t: int) -> Tensor:
         """Forward: return ``floor((X·n + e)/d)`` (within one unit of ``X·n/d``), saving digits."""
         c = self.live
-        threshold = n * ((_INT64_MAX + 1 - d) // d)
+        threshold = spill_threshold(n, d)
         if int(c.max()) >= threshold:
-            spill = c >= threshold
-            words = c[spill]
+            words = c[c >= threshold]
             self.stack.push(words)
             self.steps.append(t)
             self.counts.append(words.numel())
-            c.masked_fill_(spill, self.floor)  # c is this buffer's own tensor
-        qc, e = _divmod(c, n)
-        X, r = _muldiv(X, n, d, e)
-        self.live = qc * d + r
+        # the op restarts the words just pushed at F, then multiplies (one fused pass)
+        X, self.live = fixedpoint_mul(X, c, n, d, floor=self.floor, threshold=threshold)
         return X
 
     def unmul(self, X: Tensor, n: int, d: int, t: int) -> Tensor:
         """Reverse of :meth:`mul` at step ``t``: recover the ``X`` it was given, pop the digits."""
-        qc, r = _divmod(self.live, d)
-        X, e = _muldiv(X, d, n, r)
-        c = qc * n + e
+        X, c = fixedpoint_unmul(X, self.live, n, d)
         expect = self.counts[-1] if self.steps and self.steps[-1] == t else 0
         # c ≥ F always, so a word restarts here only if min(c) == F (one cheap reduction)
         starts = (c == self.floor) if t > 0 and int(c.min()) == self.floor else None

@@ -44,6 +44,7 @@ from typing import Callable, Iterator, Tuple
 import torch
 from torch import Tensor
 
+from .. import _backend
 from ..errors import ConfigError
 from .common import InnerProblem, MetaGradient, check_finite
 from .fixedpoint import (FixedPoint, FixedPointOverflowError, InfoBuffer, ReversibilityError,
@@ -190,8 +191,9 @@ def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable
 
     ``stats``: ``info_buffer_bytes`` (spilled words + records + live words, at its peak after the
     forward pass), ``info_bits_per_param_step`` (measured) next to ``info_bits_theory``
-    (mean ``log2(d_t/n_t)``), ``spilled_words``, ``radix_bits``, ``fixed_point_range``,
-    ``beta_rounding`` (max ``|β − β_q|``), ``theta0_rounding`` (max ``|θ_0 − Θ_0·2^-R|``);
+    (mean ``log2(d_t/n_t)``), ``spilled_words``, ``info_buffer_backend`` (which backend ran the
+    fused :func:`~fastdistill.ops.fixedpoint_mul.fixedpoint_mul` step), ``radix_bits``,
+    ``fixed_point_range``, ``beta_rounding`` (max ``|β − β_q|``), ``theta0_rounding`` (max ``|θ_0 − Θ_0·2^-R|``);
     ``stored_bytes`` adds the int64 Θ, V (16·P bytes) to the buffer.
 
     Raises:
@@ -219,6 +221,7 @@ def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable
     P, T = theta0.numel(), prob.T
     buffer_bytes, bits = rm.buffer.nbytes, rm.buffer.bits_used()
     spilled = rm.buffer.spilled_words
+    step_op = _backend.last_used("fixedpoint_mul")  # the fused buffer step of the forward pass
     L, lam = outer_grad(outer_loss, theta_T)
     probq = dataclasses.replace(prob, betas=torch.tensor(rm.beta_q, dtype=prob.betas.dtype,
                                                          device=prob.betas.device))
@@ -235,6 +238,7 @@ def reversible_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable
         "info_buffer_bytes": buffer_bytes, "spilled_words": spilled,
         "info_bits_per_param_step": bits / (P * T),
         "info_bits_theory": theory_bits_per_step(rm.pairs),
+        "info_buffer_backend": step_op.backend if step_op is not None else None,
         "radix_bits": radix_bits, "fixed_point_range": rm.fp.max_abs,
         "max_denominator": max_denominator,
         "beta_rounding": float((raw - torch.tensor(rm.beta_q, dtype=torch.float64)).abs().max()),
