@@ -178,9 +178,29 @@ def test_outer_loss_modes_agree():
     n = OUTER_IMAGES_PER_NET + 7                                   # more than one chunk
     xr, yr = torch.randn(n, 1, 28, 28, generator=g, dtype=th.dtype), torch.randint(0, 10, (n,), generator=g)
     eng = LeNetBatchedEngine(m)
-    assert _runs_lenet_step_cpp(eng, th.device) == CPP
+    assert _runs_lenet_step_cpp(eng, th.device) == CPP       # K = 3 ≥ the suite's one thread
     assert not _runs_lenet_step_cpp(LeNetBatchedEngine(m, backend="reference"), th.device)
     L0, g0 = make_batched_outer_loss(m, xr, yr, mode="per-network").loss_grad(th, eng)
     for mode in ("auto", "batched"):
         L, gr = make_batched_outer_loss(m, xr, yr, mode=mode).loss_grad(th, eng)
         assert _rel(L, L0) < 1e-12 and _rel(gr, g0) < 1e-12
+
+
+def test_make_outer_loss_value_and_grad():
+    """make_outer_loss's fast (L, ∇L) equals autograd through its call, and the strategies'
+    outer_grad uses it (C++ when built; None, hence autograd, otherwise)."""
+    from fastdistill.backgrad import make_outer_loss
+    from fastdistill.backgrad.stored import outer_grad
+    m, th, _, _, _ = _problem(K=1)
+    g = torch.Generator().manual_seed(4)
+    xr, yr = torch.randn(45, 1, 28, 28, generator=g, dtype=th.dtype), torch.randint(0, 10, (45,), generator=g)
+    L = make_outer_loss(m, xr, yr)
+    t = th[0].clone().requires_grad_(True)
+    ref = L(t)
+    ref_g, = torch.autograd.grad(ref, t)
+    fast = L.value_and_grad(th[0])
+    assert (fast is not None) == (CPP and torch.get_num_threads() == 1)
+    got = outer_grad(L, th[0])
+    assert abs(got[0] - ref.detach()) < 1e-12 and _rel(got[1], ref_g) < 1e-12
+    with _backend.use_backend("reference", op="lenet_step"):
+        assert L.value_and_grad(th[0]) is None

@@ -60,7 +60,9 @@ class BatchedOuterLoss:
     ``model.apply``), ``"batched"`` (the batched engine, ``chunk // K`` real examples at a time)
     or ``"auto"`` (default): batched when the engine is LeNet's explicit one on its C++ backend
     (``lenet_step``, :data:`OUTER_IMAGES_PER_NET` real images per network per call: 98 vs 197
-    CPU-ms per network at DD's 1024 real images on this project's 2-core CPU, one thread),
+    CPU-ms per network at DD's 1024 real images on this project's 2-core CPU, one thread) and
+    there are at least as many networks as torch threads (the step runs one network per
+    thread; with fewer, oneDNN's multi-threaded convolutions of the per-network pass win),
     per-network otherwise (on the torch layer ops the batched engine lost to oneDNN's large
     convolutions: 4.1 vs 3.2 CPU-s at K = 16).
     """
@@ -86,8 +88,9 @@ class BatchedOuterLoss:
     def loss_grad(self, thetas: Tensor, engine) -> tuple:
         """``(L [K], ∇_θ L [K, P])`` (see ``mode``)."""
         mode = self.mode
-        if mode == "auto":
-            mode = "batched" if _runs_lenet_step_cpp(engine, thetas.device) else "per-network"
+        if mode == "auto":  # the C++ step runs one network per thread: K ≥ threads keeps all busy
+            mode = ("batched" if _runs_lenet_step_cpp(engine, thetas.device)
+                    and thetas.shape[0] >= torch.get_num_threads() else "per-network")
         if mode == "per-network":
             return _per_network_loss_grad([self.single] * thetas.shape[0], thetas)
         K, N = thetas.shape[0], len(self.x)

@@ -144,6 +144,13 @@ def new_accumulators(prob: InnerProblem, need_data: bool, need_labels: bool) -> 
 
 
 def outer_grad(outer_loss: Callable[[Tensor], Tensor], theta_T: Tensor):
+    """``(L(θ_T), ∇L(θ_T))``: the outer loss's own :meth:`~.common.OuterLoss.value_and_grad` when
+    it has one that runs here, else autograd through the call."""
+    fast = getattr(outer_loss, "value_and_grad", None)
+    res = fast(theta_T) if fast is not None else None
+    if res is not None:
+        check_finite(res[0], "the outer loss")
+        return res
     th = theta_T.detach().requires_grad_(True)
     with torch.enable_grad():
         L = outer_loss(th)
