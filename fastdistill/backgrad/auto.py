@@ -19,9 +19,9 @@ Time per inner step, in gradient evaluations ``g`` (one forward + backward of th
 a reverse step, double backward included, costs ~3g on LeNet, see ``benches/``):
 autograd ≈ 3.3g, stored = 4g, checkpointed = 4g + (extra forward steps)/T, reversible ≈ 5.3g
 (two extra gradients and the integer arithmetic). On LeNet every strategy but ``autograd`` runs
-the explicit engine (on CPU the fused C++ step): stored ≈ 1.1g (measured 3.8 vs 11.4 ms per
-inner step for autograd at T = 300), checkpointed ≈ 1.1g + (extra forward steps)/T,
-reversible ≈ 2.0g (1.8 × stored, the ratio measured on the engine's torch ops). ``auto`` picks the smallest predicted time
+the explicit engine (on CPU the fused C++ step): stored ≈ 1.4g (measured 3.6 vs 8.6 ms per
+inner step for autograd at T = 300), checkpointed ≈ 1.4g + (extra forward steps)/T,
+reversible ≈ 2.5g (1.8 × stored, the ratio measured on the engine's torch ops). ``auto`` picks the smallest predicted time
 among the candidates that fit; the estimates and the choice are reported in ``stats["auto"]``.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ __all__ = ["auto_strategy", "plan_strategy", "step_graph_bytes", "default_memory
 
 #: predicted cost per inner step in gradient evaluations (measured ratios, see module doc)
 COST_AUTOGRAD, COST_STORED, COST_REVERSIBLE = 3.3, 4.0, 5.3
-COST_STORED_EXPLICIT, COST_REVERSIBLE_EXPLICIT = 1.1, 2.0  # on the explicit LeNet engine
+COST_STORED_EXPLICIT, COST_REVERSIBLE_EXPLICIT = 1.4, 2.5  # on the explicit LeNet engine
 
 
 def step_graph_bytes(prob: InnerProblem, theta0: Tensor) -> int:
