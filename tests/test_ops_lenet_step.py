@@ -204,3 +204,15 @@ def test_make_outer_loss_value_and_grad():
     assert abs(got[0] - ref.detach()) < 1e-12 and _rel(got[1], ref_g) < 1e-12
     with _backend.use_backend("reference", op="lenet_step"):
         assert L.value_and_grad(th[0]) is None
+
+
+@needs_cpp
+def test_cpp_rejects_oversized_batch():
+    """A batch whose patch matrix would overflow the kernel's int indexing is refused up front
+    (checked from the shape alone: an expanded, never-materialised input)."""
+    m, th, _, Y, _ = _problem(K=1)
+    n = 2 ** 31 // (25 * 784) + 1
+    x = torch.zeros(1, 1, 28, 28, dtype=th.dtype).expand(n, 1, 28, 28)
+    Yn = torch.zeros(1, 1, 10, dtype=th.dtype).expand(1, n, 10)
+    with pytest.raises(RuntimeError, match="split the batch"):
+        torch.ops.fastdistill.lenet_grad(th, x, Yn, 0.1, 2)

@@ -127,8 +127,6 @@ struct Dims {
 Dims make_dims(const at::Tensor& theta, const at::Tensor& x, const at::Tensor& Y, int64_t pad,
                const char* op) {
   check_float_contiguous(theta, "theta", c10::DeviceType::CPU);
-  check_float_contiguous(x, "x", c10::DeviceType::CPU);
-  check_float_contiguous(Y, "Y", c10::DeviceType::CPU);
   TORCH_CHECK(theta.dim() == 2, "fastdistill: ", op, ": theta must be [K, P], got ", theta.sizes());
   TORCH_CHECK(x.scalar_type() == theta.scalar_type() && Y.scalar_type() == theta.scalar_type(),
               "fastdistill: ", op, ": theta, x and Y must have one dtype");
@@ -145,6 +143,12 @@ Dims make_dims(const at::Tensor& theta, const at::Tensor& x, const at::Tensor& Y
   TORCH_CHECK(x.size(o + 3) == d.H && d.H + 2 * pad - 4 == kH1 && d.n >= 1 && d.C >= 1,
               "fastdistill: ", op, ": LeNet needs square images whose 5×5 conv with pad ", pad,
               " is 28×28 (and n ≥ 1), got x ", x.sizes());
+  // per-network buffers are indexed with int: conv1's patch matrix C·25 × n·784 must fit
+  TORCH_CHECK(x.size(o + 1) * 25 * x.size(o) * kH1 * kH1 < (int64_t(1) << 31), "fastdistill: ",
+              op, ": ", x.size(o), " images of ", x.size(o + 1), " channels in one call is too many (the patch matrix "
+              "would exceed 2^31 elements); split the batch");
+  check_float_contiguous(x, "x", c10::DeviceType::CPU);
+  check_float_contiguous(Y, "Y", c10::DeviceType::CPU);
   TORCH_CHECK(Y.dim() == 3 && (Y.size(0) == 1 || Y.size(0) == d.K) && Y.size(1) == d.n && Y.size(2) >= 2,
               "fastdistill: ", op, ": Y must be [1 or K, n, O] targets with O ≥ 2, got ", Y.sizes());
   d.shared_y = Y.size(0) == 1;
