@@ -46,7 +46,7 @@ from .errors import BackendUnavailableError, ConfigError
 
 __all__ = ["BACKENDS", "ENV_VAR", "Availability", "BackendChoice", "register", "resolve",
            "use_backend", "record", "last_used", "reset_usage", "available_backends",
-           "load_extension", "has_kernel", "registered"]
+           "load_extension", "has_kernel", "registered", "kernel_probe", "register_extension"]
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 ENV_VAR = "FASTDISTILL_BACKEND"
@@ -216,6 +216,25 @@ def register(op: str, backend: str, device_types: Optional[Iterable[str]], fn: C
     types = None if device_types is None else frozenset(device_types)
     _REGISTRY.setdefault(op, {})[backend] = _Impl(op, backend, types, fn, available)
     _CACHE.clear()
+
+
+def kernel_probe(kernel: str, dispatch_key: str = "CPU") -> Callable[[torch.device], Tuple[bool, str]]:
+    """An ``available`` callback for :func:`register`: whether ``fastdistill._C`` has a
+    ``dispatch_key`` kernel of the dispatcher op ``fastdistill::<kernel>``."""
+    return lambda device: (has_kernel(f"fastdistill::{kernel}", dispatch_key),
+                           f"fastdistill._C was built without a {dispatch_key} kernel of {kernel}")
+
+
+def register_extension(op: str, fn: Optional[Callable[..., Any]] = None, *, kernel: Optional[str] = None,
+                       cuda: bool = True) -> None:
+    """Register the extension's backends of ``op``: ``cpp`` on CPU and (``cuda=True``) ``cuda``
+    on CUDA, each available when ``fastdistill._C`` has that kernel of ``kernel`` (default: the
+    op's own name). ``fn`` defaults to ``torch.ops.fastdistill.<op>`` with the op's arguments."""
+    kernel = kernel or op
+    call = fn or (lambda *args: getattr(torch.ops.fastdistill, op)(*args))
+    register(op, "cpp", {"cpu"}, call, available=kernel_probe(kernel, "CPU"))
+    if cuda:
+        register(op, "cuda", {"cuda"}, call, available=kernel_probe(kernel, "CUDA"))
 
 
 def registered() -> Dict[str, Tuple[str, ...]]:

@@ -169,3 +169,23 @@ def test_auto_on_cuda_prefers_triton(toy_op):
     if _backend._triton_interpreter():
         pytest.skip("TRITON_INTERPRET=1 is set")
     assert resolve(toy_op, "cuda")[0] == "triton"
+
+
+@pytest.mark.skipif(not CPP_LOADED, reason="fastdistill._C not built")
+def test_register_extension_probes_the_named_kernel(monkeypatch):
+    """register_extension's cpp backend is available exactly when the extension has the kernel
+    it names; a missing kernel makes a forced cpp an error that names it."""
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    try:
+        _backend.register("_toy_ext", "reference", None, lambda: "reference")
+        _backend.register_extension("_toy_ext", lambda: "cpp", kernel="gd_update", cuda=False)
+        assert resolve("_toy_ext", "cpu")[0] == "cpp"
+        assert "cuda" not in _backend.registered()["_toy_ext"]
+        _backend.register_extension("_toy_ext", lambda: "cpp", kernel="no_such_kernel")
+        assert resolve("_toy_ext", "cpu")[0] == "reference"
+        with pytest.raises(BackendUnavailableError, match="no_such_kernel"):
+            resolve("_toy_ext", "cpu", "cpp")
+    finally:
+        _backend._REGISTRY.pop("_toy_ext", None)
+        _backend._LAST.pop("_toy_ext", None)
+        _backend.clear_cache()

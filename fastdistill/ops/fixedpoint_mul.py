@@ -293,14 +293,8 @@ if _backend.has_kernel("fastdistill::fixedpoint_mul", "CPU"):
     _register_fakes()
 
 
-def _has(op: str, key: str):
-    return lambda device: (_backend.has_kernel(f"fastdistill::{op}", key),
-                           f"fastdistill._C was built without a {key} kernel of {op}")
-
-
-for _op, _fn in (("fixedpoint_mul", _run_mul_dispatcher), ("fixedpoint_unmul", _run_unmul_dispatcher)):
-    _backend.register(_op, "cpp", {"cpu"}, _fn, available=_has(_op, "CPU"))
-    _backend.register(_op, "cuda", {"cuda"}, _fn, available=_has(_op, "CUDA"))
+_backend.register_extension("fixedpoint_mul", _run_mul_dispatcher)
+_backend.register_extension("fixedpoint_unmul", _run_unmul_dispatcher)
 
 
 # ------------------------------------------------------------------------------ triton backend

@@ -147,10 +147,7 @@ def _register_extension_op() -> None:
 
 if _backend.has_kernel("fastdistill::gd_update", "CPU"):
     _register_extension_op()
-_backend.register(OP, "cpp", {"cpu"}, _run_dispatcher)
-_backend.register(OP, "cuda", {"cuda"}, _run_dispatcher,
-                  available=lambda device: (_backend.has_kernel("fastdistill::gd_update", "CUDA"),
-                                            "fastdistill._C was built without CUDA kernels"))
+_backend.register_extension(OP, _run_dispatcher)
 
 
 # ------------------------------------------------------------------------------ triton backend

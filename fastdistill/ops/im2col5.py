@@ -144,23 +144,10 @@ def _register_extension_ops() -> None:
     torch.library.register_autograd("fastdistill::col2im5", _bw_col2im, setup_context=_ctx_col2im)
 
 
-def _has(op: str, key: str = "CPU"):
-    return lambda device: (_backend.has_kernel(f"fastdistill::{op}", key),
-                           f"fastdistill._C was built without a {key} kernel of {op}")
-
-
 if _backend.has_kernel("fastdistill::im2col5", "CPU"):
     _register_extension_ops()
-_backend.register(OP_IM2COL, "cpp", {"cpu"}, lambda a, pad: torch.ops.fastdistill.im2col5(a, pad),
-                  available=_has(OP_IM2COL))
-_backend.register(OP_COL2IM, "cpp", {"cpu"},
-                  lambda d, H, W, pad: torch.ops.fastdistill.col2im5(d, H, W, pad),
-                  available=_has(OP_COL2IM))
-_backend.register(OP_IM2COL, "cuda", {"cuda"}, lambda a, pad: torch.ops.fastdistill.im2col5(a, pad),
-                  available=_has(OP_IM2COL, "CUDA"))
-_backend.register(OP_COL2IM, "cuda", {"cuda"},
-                  lambda d, H, W, pad: torch.ops.fastdistill.col2im5(d, H, W, pad),
-                  available=_has(OP_COL2IM, "CUDA"))
+_backend.register_extension(OP_IM2COL)
+_backend.register_extension(OP_COL2IM)
 
 
 # ------------------------------------------------------------------------------ triton backend

@@ -117,11 +117,6 @@ def _run_cpp(theta, x, Y, v, scale, need_x, need_y):
     return loss, g, hv, (dx if need_x else None), (dy if need_y else None)
 
 
-def _available(device):
-    return (_backend.has_kernel("fastdistill::lenet_grad_hvp", "CPU"),
-            "fastdistill._C was built without lenet_grad/lenet_grad_hvp")
-
-
 if _backend.has_kernel("fastdistill::lenet_grad", "CPU"):
     @torch.library.register_fake("fastdistill::lenet_grad")
     def _fake_grad(theta, x, Y, scale, pad):
@@ -134,4 +129,4 @@ if _backend.has_kernel("fastdistill::lenet_grad", "CPU"):
         return theta.new_empty((theta.shape[0],)), torch.empty_like(theta), torch.empty_like(theta), dx, dy
 
 _backend.register(OP, "reference", None, lenet_step_reference)
-_backend.register(OP, "cpp", {"cpu"}, _run_cpp, available=_available)
+_backend.register_extension(OP, _run_cpp, kernel="lenet_grad_hvp", cuda=False)  # CPU only

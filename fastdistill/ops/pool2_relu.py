@@ -185,18 +185,8 @@ def _register_extension_ops() -> None:
 
 if _backend.has_kernel("fastdistill::pool2_relu", "CPU"):
     _register_extension_ops()
-def _dispatcher(op: str):
-    return lambda *args: getattr(torch.ops.fastdistill, op)(*args)
-
-
-def _has(op: str, key: str = "CPU"):
-    return lambda device: (_backend.has_kernel(f"fastdistill::{op}", key),
-                           f"fastdistill._C was built without a {key} kernel of {op}")
-
-
 for _op in OPS:
-    _backend.register(_op, "cpp", {"cpu"}, _dispatcher(_op), available=_has(_op))
-    _backend.register(_op, "cuda", {"cuda"}, _dispatcher(_op), available=_has(_op, "CUDA"))
+    _backend.register_extension(_op)
 
 
 # ------------------------------------------------------------------------------ triton backend
