@@ -28,6 +28,7 @@
 #include <tuple>
 
 #include "../check.h"
+#include "pool2_window.h"
 
 namespace fastdistill {
 namespace {
@@ -170,22 +171,9 @@ std::tuple<at::Tensor, at::Tensor> pool2_relu_cpu(const at::Tensor& z, const at:
         scalar_t* o = out + q * h * w;
         int64_t* ix = arg + q * h * w;
         for (int64_t y = 0; y < h; ++y) {
-          for (int64_t x = 0; x < w; ++x) {
-            int64_t best_i = (2 * y) * W + 2 * x;
-            scalar_t best = plane[best_i];
-            const int64_t cand[3] = {best_i + 1, best_i + W, best_i + W + 1};
-            for (int64_t c : cand) {
-              // max_pool2d's rule (the last NaN wins), as selects: random data would make a
-              // branch here mispredict half the time
-              const scalar_t v = plane[c];
-              const bool take = (v > best) | (v != v);
-              best = take ? v : best;
-              best_i = take ? c : best_i;
-            }
-            const scalar_t p = best + b;
-            o[y * w + x] = p * static_cast<scalar_t>(p > 0);
-            ix[y * w + x] = best_i;
-          }
+          for (int64_t x = 0; x < w; ++x)
+            o[y * w + x] = pool2_relu_window<scalar_t, int64_t>(plane, (2 * y) * W + 2 * x, W, b,
+                                                                ix + y * w + x);
         }
       }
     });

@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "../check.h"
+#include "pool2_window.h"
 
 // BLAS and MKL's thread control, exported by libtorch_cpu (torch's CPU wheel links MKL in).
 extern "C" {
@@ -251,7 +252,7 @@ void col2im_pool1(const T* U, int Cp, int n, T* a) {
 }
 
 // a = relu(max_{2×2} z + b) per plane (planes × n images of side Hz); idx = first maximum in
-// scan order, NaN wins (max_pool2d's rule, as pool2_relu in lenet_ops.cpp)
+// scan order, NaN wins (pool2_relu_window, shared with the pool2_relu op)
 template <typename T>
 void pool_fwd(const T* z, const T* bias, int planes, int n, int Hz, T* a, int* idx) {
   const int h = Hz / 2;
@@ -263,20 +264,8 @@ void pool_fwd(const T* z, const T* bias, int planes, int n, int Hz, T* a, int* i
       T* o = a + q * h * h;
       int* ix = idx + q * h * h;
       for (int y = 0; y < h; ++y)
-        for (int x = 0; x < h; ++x) {
-          int bi = (2 * y) * Hz + 2 * x;
-          T best = plane[bi];
-          const int cand[3] = {bi + 1, bi + Hz, bi + Hz + 1};
-          for (int cc : cand) {
-            const T v = plane[cc];
-            const bool take = (v > best) | (v != v);
-            best = take ? v : best;
-            bi = take ? cc : bi;
-          }
-          const T p = best + b;
-          o[y * h + x] = p * static_cast<T>(p > 0);
-          ix[y * h + x] = bi;
-        }
+        for (int x = 0; x < h; ++x)
+          o[y * h + x] = pool2_relu_window<T, int>(plane, (2 * y) * Hz + 2 * x, Hz, b, ix + y * h + x);
     }
   }
 }
