@@ -27,6 +27,9 @@ Two cases, each with the reference beside the fast paths in one group:
   after another on per-step double backward); ``batched-torch`` / ``batched``:
   :func:`meta_gradient_batched` with ``lenet_step`` forced to its reference backend / on the C++
   backend (the default; its outer loss then also runs the C++ step, in 32-image chunks).
+* ``outer-K{K}`` -- DD's outer loss alone, ``(L, ∇_θ L)`` of K networks on the 1024 real images:
+  ``per-network`` (K autograd passes through ``model.apply``, oneDNN convolutions) against
+  ``batched`` (the C++ step in chunks of ``OUTER_IMAGES_PER_NET`` images per network).
 
 On a loaded shared machine wall time mostly measures the scheduler; with one thread,
 ``--benchmark-timer=time.process_time`` measures the CPU time the process actually got (what
@@ -63,10 +66,12 @@ from fastdistill.models.batched import LeNetBatchedEngine, batched_engine  # noq
 THREADS = int(os.environ.get("FASTDISTILL_BENCH_THREADS", "2"))
 STEP_K = [int(k) for k in os.environ.get("FASTDISTILL_BENCH_K", "1,4,16,64").split(",") if k.strip()]
 META_K = [int(k) for k in os.environ.get("FASTDISTILL_BENCH_META_K", "4,16").split(",") if k.strip()]
+OUTER_K = [int(k) for k in os.environ.get("FASTDISTILL_BENCH_OUTER_K", "4").split(",") if k.strip()]
 N_IMAGES, S, E, REAL_BATCH, LR, SEED = 10, 10, 3, 1024, 0.02, 0
 DTYPE = torch.float32
 STEP_IMPLS = ("reference", "batched-autograd", "batched-torch", "batched")
 META_IMPLS = ("reference", "batched-torch", "batched")
+OUTER_IMPLS = ("per-network", "batched")
 
 
 def thetas(model: LeNet, K: int) -> torch.Tensor:
@@ -192,6 +197,23 @@ def test_meta_iteration(benchmark, case, K, impl):
           loadavg_1m_before=load0, loadavg_1m_after=os.getloadavg()[0])
 
 
+OUTER_CASES = [(K, impl) for K in OUTER_K for impl in OUTER_IMPLS]
+
+
+@pytest.mark.parametrize("case,K,impl", [(f"outer-K{K}", K, i) for K, i in OUTER_CASES],
+                         ids=[f"outer-K{K}-{i}" for K, i in OUTER_CASES])
+def test_outer_loss(benchmark, case, K, impl):
+    m, th, _, _, _, outer = meta_problem(K)
+    loss = make_batched_outer_loss(m, outer.x, outer.y, mode=impl)
+    eng = LeNetBatchedEngine(m)
+    load0 = os.getloadavg()[0]
+    L, _ = benchmark.pedantic(loss.loss_grad, args=(th, eng), rounds=5, warmup_rounds=1, iterations=1)
+    assert torch.isfinite(L).all()
+    med = benchmark.stats.stats.median
+    _info(benchmark, case=case, K=K, impl=impl, real_batch=REAL_BATCH, ms_per_network=med * 1e3 / K,
+          loadavg_1m_before=load0, loadavg_1m_after=os.getloadavg()[0])
+
+
 # -- the table for RESULTS.md ----------------------------------------------------------------
 def markdown_table(bench_json: str) -> str:
     benches = json.loads(Path(bench_json).read_text())["benchmarks"]
@@ -222,6 +244,20 @@ def markdown_table(bench_json: str) -> str:
             up = "–" if ref is None else f"{ref['stats']['median'] / s['median']:.2f}×"
             out.append(f"| {K} | {impl} | {s['median'] * 1e3:,.0f} ({s['iqr'] * 1e3:,.0f}, {s['rounds']}) | "
                        f"{e['ms_per_network']:.0f} | {up} | {e['loadavg_1m_before']:.1f} |")
+    outer = sorted({b["extra_info"]["K"] for b in benches if b["extra_info"]["case"].startswith("outer")})
+    if outer:
+        out += ["", "| K | outer loss | ms (median; IQR, rounds) | ms / network | speed-up vs per-network |",
+                "|---:|---|---:|---:|---:|"]
+    for K in outer:
+        ref = rows.get((f"outer-K{K}", "per-network"))
+        for impl in OUTER_IMPLS:
+            b = rows.get((f"outer-K{K}", impl))
+            if b is None:
+                continue
+            e, st = b["extra_info"], b["stats"]
+            up = "–" if ref is None else f"{ref['stats']['median'] / st['median']:.2f}×"
+            out.append(f"| {K} | {impl} | {st['median'] * 1e3:,.0f} ({st['iqr'] * 1e3:,.0f}, {st['rounds']}) | "
+                       f"{e['ms_per_network']:.0f} | {up} |")
     return "\n".join(out)
 
 

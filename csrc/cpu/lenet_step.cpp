@@ -67,9 +67,9 @@ namespace {
 // beta 0 or 1).
 //
 // float32 with B untransposed goes to oneDNN's brgemm micro-kernel (at::native::cpublas::brgemm:
-// JIT-compiled once per shape, no operand packing, no separate C scaling): measured 1.3-2.2× MKL
-// sgemm on these shapes on the dev CPU (AMD EPYC, where MKL takes its generic path; 10-15 % off
-// the whole step). An A operand that must be transposed is small at every such call site here
+// JIT-compiled once per shape, no operand packing, no separate C scaling). One-off timings on the
+// dev CPU (AMD EPYC, where MKL takes its generic path; the scripts were not kept): single calls
+// 1.3-2.2× faster than MKL sgemm on these shapes, 10-15 % off the whole step. An A operand that must be transposed is small at every such call site here
 // (weights or the 10-image δ) and is transposed into a thread-local scratch first. A transposed
 // B (activations) is not worth a copy; those calls, and float64, go to the
 // Fortran BLAS of the MKL that libtorch_cpu links (column-major BLAS sees the transposes:

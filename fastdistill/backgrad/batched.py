@@ -59,12 +59,12 @@ class BatchedOuterLoss:
     ``mode`` picks how :meth:`loss_grad` runs: ``"per-network"`` (K autograd passes through
     ``model.apply``), ``"batched"`` (the batched engine, ``chunk // K`` real examples at a time)
     or ``"auto"`` (default): batched when the engine is LeNet's explicit one on its C++ backend
-    (``lenet_step``, :data:`OUTER_IMAGES_PER_NET` real images per network per call: 98 vs 197
-    CPU-ms per network at DD's 1024 real images on this project's 2-core CPU, one thread) and
-    there are at least as many networks as torch threads (the step runs one network per
-    thread; with fewer, oneDNN's multi-threaded convolutions of the per-network pass win),
-    per-network otherwise (on the torch layer ops the batched engine lost to oneDNN's large
-    convolutions: 4.1 vs 3.2 CPU-s at K = 16).
+    (``lenet_step``, :data:`OUTER_IMAGES_PER_NET` real images per network per call: 85 vs 160
+    CPU-ms per network at DD's 1024 real images, K = 4, one thread, the ``outer`` case of
+    ``benches/bench_batched.py``) and there are at least as many networks as torch threads
+    (the step runs one network per thread; with fewer, oneDNN's multi-threaded convolutions of
+    the per-network pass win), per-network otherwise (on the torch layer ops the batched engine
+    loses to oneDNN's large convolutions).
     """
 
     batched = True
@@ -87,17 +87,17 @@ class BatchedOuterLoss:
 
     def loss_grad(self, thetas: Tensor, engine) -> tuple:
         """``(L [K], ∇_θ L [K, P])`` (see ``mode``)."""
+        K, N = thetas.shape[0], len(self.x)
+        cpp = _runs_lenet_step_cpp(engine, thetas.device)
         mode = self.mode
         if mode == "auto":  # the C++ step runs one network per thread: K ≥ threads keeps all busy
-            mode = ("batched" if _runs_lenet_step_cpp(engine, thetas.device)
-                    and thetas.shape[0] >= torch.get_num_threads() else "per-network")
+            mode = "batched" if cpp and K >= torch.get_num_threads() else "per-network"
         if mode == "per-network":
-            return _per_network_loss_grad([self.single] * thetas.shape[0], thetas)
-        K, N = thetas.shape[0], len(self.x)
+            return _per_network_loss_grad([self.single] * K, thetas)
         if self.chunk is not None:
             step = max(1, self.chunk // K)
         else:
-            step = OUTER_IMAGES_PER_NET if _runs_lenet_step_cpp(engine, thetas.device) else max(1, OUTER_CHUNK // K)
+            step = OUTER_IMAGES_PER_NET if cpp else max(1, OUTER_CHUNK // K)
         total_L, total_g = None, None
         for a in range(0, N, step):
             L, g = engine.loss_grad(thetas, self.x[a:a + step], self.y[a:a + step], scale=1.0 / N)

@@ -236,8 +236,8 @@ class LeNetBatchedEngine:
 
     The public methods run through the op :func:`~fastdistill.ops.lenet_step`: on CPU with the
     extension built, its ``cpp`` backend computes the same maths one network per thread with
-    every activation cache-resident (~3.5× this torch code's per-network time on one core);
-    its ``reference`` backend is the torch code of this class (``backend="reference"`` forces
+    every activation cache-resident (2.1× this torch code at K = 16, on one core and on two:
+    ``benches/bench_batched.py``); its ``reference`` backend is the torch code of this class (``backend="reference"`` forces
     it). The one-logit (binary) head always runs here.
     """
 
