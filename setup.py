@@ -59,7 +59,7 @@ def _extension_config():
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     # -fno-math-errno: sqrt & co. need not set errno, so their loops vectorise; results are the
     # same IEEE values (unlike -ffast-math).
-    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17"]
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
     kwargs = dict(extra_link_args=["-fopenmp"])
     if with_cuda:
         sources = cpu_sources + _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*_glue.cpp")

@@ -60,6 +60,7 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 int MKL_Set_Num_Threads_Local(int nt);  // the C entry (mkl_set_num_threads_local is the Fortran one)
 }
 
+
 namespace fastdistill {
 namespace {
 
@@ -168,6 +169,18 @@ Dims make_dims(const at::Tensor& theta, const at::Tensor& x, const at::Tensor& Y
 }
 
 // ------------------------------------------------------------------- memory-bound layer passes
+// dst [cols × rows] = srcᵀ for a row-major src [rows × cols], in cache-sized tiles
+template <typename T>
+void transpose(const T* src, int rows, int cols, T* dst) {
+  constexpr int kTile = 32;
+  for (int r0 = 0; r0 < rows; r0 += kTile)
+    for (int c0 = 0; c0 < cols; c0 += kTile) {
+      const int r1 = std::min(rows, r0 + kTile), c1 = std::min(cols, c0 + kTile);
+      for (int c = c0; c < c1; ++c)
+        for (int r = r0; r < r1; ++r) dst[int64_t(c) * rows + r] = src[int64_t(r) * cols + c];
+    }
+}
+
 // X[(c,i,j), (m,y,x)] = img[m, c, y+i−pad, x+j−pad] (0 outside); img [n, C, Hs, Hs].
 template <typename T>
 void im2col_input(const T* img, int n, int C, int Hs, int pad, T* X) {
@@ -264,8 +277,8 @@ void pool_fwd(const T* z, const T* bias, int planes, int n, int Hz, T* a, int* i
       T* o = a + q * h * h;
       int* ix = idx + q * h * h;
       for (int y = 0; y < h; ++y)
-        for (int x = 0; x < h; ++x)
-          o[y * h + x] = pool2_relu_window<T, int>(plane, (2 * y) * Hz + 2 * x, Hz, b, ix + y * h + x);
+        pool2_relu_row<T, int>(plane + 2 * y * Hz, plane + (2 * y + 1) * Hz, h, 2 * y * Hz, Hz, b,
+                               o + y * h, ix + y * h);
     }
   }
 }
@@ -354,14 +367,16 @@ struct Net {
   int *i1, *i2;
   // backward buffers
   T *dz, *dzd, *dh2, *dh2d, *dh1, *dh1d, *df0, *df0d, *DA1, *XC;
+  T* XT;  // Xᵀ [L1 × C·25]: conv1's weight gradient is then an untransposed-B GEMM
 
-  Net(const Dims& d_, const T* th_, const T* v_, const T* Xshared, std::vector<T>& buf,
+  Net(const Dims& d_, const T* th_, const T* v_, const T* Xshared, const T* XTshared, std::vector<T>& buf,
       std::vector<int>& ibuf)
       : d(d_), th(th_), vv(v_) {
     const int n = d.n, L1 = d.L1(), L2 = d.L2(), S = vv ? 2 : 1;
     size_t need = 0;
     auto plan = [&](size_t count) { const size_t r = need; need += (count + 15) & ~size_t(15); return r; };
     const size_t oX = Xshared ? 0 : plan(size_t(d.C25()) * L1);
+    const size_t oXT = Xshared ? 0 : plan(size_t(d.C25()) * L1);
     const size_t oZ1 = plan(size_t(S) * kC1 * L1), oA1 = plan(size_t(S) * kC1 * n * kP1 * kP1);
     const size_t oU = plan(size_t(S) * 150 * L2), oZ2 = plan(size_t(S) * kC2 * L2);
     const size_t oA2 = plan(size_t(S) * kF0 * n), of0 = plan(size_t(S) * n * kF0);
@@ -375,6 +390,7 @@ struct Net {
     if (ibuf.size() < ineed) ibuf.resize(ineed);
     T* B = buf.data();
     X = Xshared ? const_cast<T*>(Xshared) : B + oX;
+    XT = Xshared ? const_cast<T*>(XTshared) : B + oXT;
     Z1 = B + oZ1; A1 = B + oA1; U = B + oU; Z2 = B + oZ2; A2 = B + oA2; f0 = B + of0;
     h1 = B + oh1; h2 = B + oh2; z = B + oz; dz = B + odz; dh2 = B + odh2; dh1 = B + odh1;
     df0 = B + odf0; DA1 = B + oDA1; XC = vv ? B + oXC : nullptr;
@@ -389,7 +405,10 @@ struct Net {
 
   void forward(const T* img) {
     const int n = d.n, L1 = d.L1(), L2 = d.L2(), C25 = d.C25(), O = d.O;
-    if (img) im2col_input(img, n, d.C, d.H, d.pad, X);
+    if (img) {
+      im2col_input(img, n, d.C, d.H, d.pad, X);
+      transpose(X, C25, L1, XT);
+    }
     // conv1: value rows; the tangent (V1 X, no ẋ) in its own call so the value path is the
     // same BLAS call with and without v
     gemm('N', 'N', kC1, L1, C25, W(d.w1), C25, X, L1, T(0), Z1, L1);
@@ -527,7 +546,7 @@ struct Net {
     col2im_pool1(U, kC1, n, DA1);
     T* DZ1 = Z1;
     pool_bwd(DA1, i1, A1, kC1, n, kH1, DZ1, g + d.b1);
-    gemm('N', 'T', kC1, C25, L1, DZ1, L1, X, L1, T(0), g + d.w1, C25);
+    gemm('N', 'N', kC1, C25, L1, DZ1, L1, XT, C25, T(0), g + d.w1, C25);
     if (!vv) return;
     T* Ud = U + 150 * L2;
     gemm('T', 'N', 150, L2, kC2, V(d.w2), 150, DZ2, L2, T(0), Ud, L2);
@@ -536,7 +555,7 @@ struct Net {
     col2im_pool1(Ud, kC1, n, DA1d);
     T* DZ1d = Z1 + kC1 * L1;
     pool_bwd(DA1d, i1, A1, kC1, n, kH1, DZ1d, gd + d.b1);
-    gemm('N', 'T', kC1, C25, L1, DZ1d, L1, X, L1, T(0), gd + d.w1, C25);
+    gemm('N', 'N', kC1, C25, L1, DZ1d, L1, XT, C25, T(0), gd + d.w1, C25);
     if (dximg) {  // R{∇_x ℓ} = V1ᵀ δz1 + W1ᵀ δż1, back through im2col
       gemm('T', 'N', C25, L1, kC1, V(d.w1), C25, DZ1, L1, T(0), XC, L1);
       gemm('T', 'N', C25, L1, kC1, W(d.w1), C25, DZ1d, L1, T(1), XC, L1);
@@ -568,10 +587,12 @@ void run(const Dims& d, const at::Tensor& theta, const at::Tensor& x, const at::
   const int64_t img_numel = int64_t(d.n) * d.C * d.H * d.H;
   const int64_t y_numel = int64_t(d.n) * d.O;
   // the shared input's patches once for every network
-  std::vector<T> Xs;
+  std::vector<T> Xs, XTs;
   if (d.shared_x) {
     Xs.resize(size_t(d.C25()) * d.L1());
+    XTs.resize(Xs.size());
     im2col_input(xp, d.n, d.C, d.H, d.pad, Xs.data());
+    transpose(Xs.data(), d.C25(), d.L1(), XTs.data());
   }
   T* lp = loss.mutable_data_ptr<T>();
   T* gp = g.mutable_data_ptr<T>();
@@ -582,7 +603,7 @@ void run(const Dims& d, const at::Tensor& theta, const at::Tensor& x, const at::
     SequentialBlas seq;
     Scratch<T>& s = thread_scratch<T>();
     for (int64_t k = begin; k < end; ++k) {
-      Net<T> net(d, th + k * d.P, vp ? vp + k * d.P : nullptr, d.shared_x ? Xs.data() : nullptr,
+      Net<T> net(d, th + k * d.P, vp ? vp + k * d.P : nullptr, d.shared_x ? Xs.data() : nullptr, d.shared_x ? XTs.data() : nullptr,
                  s.buf, s.ibuf);
       net.forward(d.shared_x ? nullptr : xp + k * img_numel);
       lp[k] = net.head(yp + (d.shared_y ? 0 : k * y_numel), static_cast<T>(scale),
