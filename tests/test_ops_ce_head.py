@@ -1,7 +1,8 @@
 """ce_head: the reference is exactly the batched LeNet engine's loss head and tangent, and the
-derivatives it claims (autograd, float64); the triton backend (CPU interpreter here) equals it
-at float32 error (≤ 2× torch's own against float64), closely in float64, with shared or
-per-network, soft or one-hot targets; stays inside its inputs and is deterministic."""
+derivatives it claims (autograd, float64); the triton backend (CPU interpreter here) and the
+cuda backend (GPU only) equal it at float32 error (≤ 2× torch's own against float64), closely in
+float64, with shared or per-network, soft or one-hot targets; stay inside their inputs and are
+deterministic (cuda: bit-identical reruns, opcheck); a forced cuda backend on CPU fails loudly."""
 import os
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdistill import _backend
-from fastdistill.errors import ConfigError, ShapeError
+from fastdistill.errors import BackendUnavailableError, ConfigError, ShapeError
 from fastdistill.models import LeNet
 from fastdistill.models.batched import LeNetBatchedEngine
 from fastdistill.ops.ce_head import ce_head, ce_head_reference
@@ -143,3 +144,110 @@ def test_auto_picks_reference_on_cpu_and_shape_errors():
         ce_head(z, Y.double(), 1.0)                    # one dtype
     with pytest.raises(ShapeError):
         ce_head(z, Y, torch.ones(2))                   # scale is a scalar
+
+
+# ------------------------------------------------------------------------------- cuda backend
+CUDA_OPS = ("fastdistill::ce_head", "fastdistill::ce_head_tangent")
+
+
+def test_cuda_backend_is_cuda_only():
+    """Forcing cuda on CPU tensors raises (no silent fallback); there is no cpp backend, and a
+    built extension declares the ops without a CPU kernel (on CPU they run the reference)."""
+    z, Y, zd = _data(2, 4, 3, False)
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        ce_head(z, Y, 1.0, zd, backend="cuda")
+    with pytest.raises(BackendUnavailableError, match="no cpp implementation"):
+        ce_head(z, Y, 1.0, zd, backend="cpp")
+    assert "cuda" in _backend.registered()["ce_head"] and "cpp" not in _backend.registered()["ce_head"]
+    if _backend.load_extension()[0] is not None:
+        for op in CUDA_OPS:
+            name = op.split("::")[1]
+            assert str(getattr(torch.ops.fastdistill, name).default._schema).startswith(op + "(")
+            assert not _backend.has_kernel(op, "CPU")
+
+
+def _cuda_kernels():
+    if not _backend.has_kernel("fastdistill::ce_head", "CUDA"):
+        pytest.skip("fastdistill._C was built without CUDA kernels")
+
+
+def _cuda(*ts):
+    return tuple(None if t is None else t.cuda() for t in ts)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("one_hot", [False, True])
+@pytest.mark.parametrize("case", CASES + [(2, 70, 9, False)], ids=lambda c: "x".join(map(str, c)))
+def test_cuda_equals_reference(case, one_hot):
+    """float32 within 2× torch's own error (against float64), float64 to 1e-13; without a
+    tangent the same loss and δz bitwise; reruns bit-identical. O = 70 > 32: several classes
+    per lane."""
+    _cuda_kernels()
+    K, O, n, shared = case
+    for dtype in (torch.float32, torch.float64):
+        z, Y, zd = _data(K, O, n, shared, dtype, seed=K * O + n, one_hot=one_hot)
+        got = ce_head(*_cuda(z, Y), 1.0 / n, zd.cuda(), backend="cuda")
+        assert _backend.last_used("ce_head").backend == "cuda"
+        ref = ce_head_reference(z, Y, 1.0 / n, zd)
+        exact = ce_head_reference(z.double(), Y.double(), torch.tensor(1.0 / n, dtype=dtype).double(),
+                                  zd.double())
+        for g, r, e in zip(got, ref, exact):
+            assert g.dtype == dtype and g.shape == e.shape and g.is_cuda
+            if dtype == torch.float32:
+                atol = 8 * EPS32 * e.abs().max().item()
+                assert _err(g.cpu(), e) <= 2 * _err(r, e) + atol, (_err(g.cpu(), e), _err(r, e))
+            else:
+                assert _err(g.cpu(), e) <= 1e-13 * max(e.abs().max().item(), 1.0)
+        again = ce_head(*_cuda(z, Y), 1.0 / n, zd.cuda(), backend="cuda")
+        for g, a in zip(got, again):
+            assert torch.equal(g, a)
+        loss, dz, none, none2 = ce_head(*_cuda(z, Y), 1.0 / n, backend="cuda")
+        assert none is None and none2 is None
+        assert torch.equal(loss, got[0]) and torch.equal(dz, got[1])
+
+
+@pytest.mark.cuda
+def test_cuda_tensor_scale_and_guard_padding():
+    """A 0-d or one-element CUDA scale is read on the device; inputs are views into buffers of
+    1e30 (a read outside a view would show)."""
+    _cuda_kernels()
+    canary = 1e30
+    z, Y, zd = _cuda(*_data(3, 10, 11, False, seed=3))
+    views = []
+    for t in (z, Y, zd):
+        buf = torch.full((t.numel() + 512,), canary, device="cuda")
+        buf[256:256 + t.numel()] = t.reshape(-1)
+        views.append(buf[256:256 + t.numel()].view(t.shape))
+    got = ce_head(*views[:2], torch.tensor([0.1], device="cuda"), views[2], backend="cuda")
+    again = ce_head(z, Y, 0.1, zd, backend="cuda")
+    for g, a in zip(got, again):
+        assert torch.equal(g, a) and g.isfinite().all() and g.abs().max() < 1e3
+
+
+@pytest.mark.cuda
+def test_cuda_refuses_autograd_and_opcheck():
+    _cuda_kernels()
+    z, Y, zd = _cuda(*_data(2, 10, 7, False, torch.float64, seed=6))
+    with pytest.raises(ConfigError, match="not differentiable"):
+        ce_head(z.clone().requires_grad_(True), Y, 1.0, zd, backend="cuda")
+    s = torch.tensor(1.0 / 7, dtype=torch.float64, device="cuda")
+    ops = torch.ops.fastdistill
+    torch.library.opcheck(ops.ce_head.default, (z, Y, s))
+    torch.library.opcheck(ops.ce_head_tangent.default, (z, Y, s, zd))
+    torch.library.opcheck(ops.ce_head_tangent.default, (z, Y[:1].contiguous(), s, zd))   # shared
+
+
+@pytest.mark.cuda
+def test_cuda_entry_points_check_their_arguments():
+    _cuda_kernels()
+    z, Y, zd = _cuda(*_data(2, 4, 3, False))
+    s = torch.tensor(1.0, device="cuda")
+    ops = torch.ops.fastdistill
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.ce_head(z.transpose(1, 2).contiguous().transpose(1, 2), Y, s)
+    with pytest.raises(RuntimeError, match="Y must be"):
+        ops.ce_head(z, Y[:, :3].contiguous(), s)
+    with pytest.raises(RuntimeError, match="scale must be a 0-d"):
+        ops.ce_head(z, Y, s.reshape(1))
+    with pytest.raises(RuntimeError, match="shape of z"):
+        ops.ce_head_tangent(z, Y, s, zd[:, :, :2].contiguous())

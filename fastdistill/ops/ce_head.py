@@ -11,10 +11,13 @@ Maths, per network k, image column j, classes c (targets ỹ need not sum to one
 
 :func:`ce_head_reference` is the specification, the fallback and the test oracle: the same torch
 code as the engine's two methods (equal to them bitwise). :func:`ce_head` picks a backend:
-``reference`` (any device) or ``triton`` (``kernels/ce_head.py``: one pass over z, ỹ, ż; equal to
-the reference to round-off). ``auto`` takes triton on CUDA and the reference elsewhere.
-The outputs are themselves derivatives: the triton backend is not differentiable and raises
-when autograd would need it (the reference is differentiable).
+``reference`` (any device), ``triton`` (``kernels/ce_head.py``: one pass over z, ỹ, ż; equal to
+the reference to round-off) or ``cuda`` (``csrc/cuda/ce_head.cu``, the extension's
+``fastdistill::ce_head`` / ``ce_head_tangent``: one warp per image column, fixed-order
+reductions in double and no atomics, so reruns are bit-identical). ``auto`` takes triton on
+CUDA (cuda when triton is missing) and the reference elsewhere (there is no C++ CPU kernel).
+The outputs are themselves derivatives: the triton and cuda backends are not differentiable and
+raise when autograd would need them (the reference is differentiable).
 """
 from __future__ import annotations
 
@@ -56,13 +59,14 @@ def ce_head(z: Tensor, Y: Tensor, scale: Union[float, Tensor], zd: Optional[Tens
             soft; same dtype and device as ``z``.
         scale: s, a float or a one-element tensor (e.g. 1/n for the mean over images).
         zd: optional ``[K, O, n]`` logit tangent ż.
-        backend: force ``"reference"`` or ``"triton"`` (default: the registry's choice).
+        backend: force ``"reference"``, ``"triton"`` or ``"cuda"`` (default: the registry's
+            choice).
     Returns:
         ``(loss [K], dz [K, O, n], dzd, dY)`` with ``dzd`` = δż and ``dY`` = R{∇_ỹ ℓ} (per
         network, ``[K, O, n]``; sum over K for shared targets), both None without ``zd``.
     Raises:
         ShapeError: wrong shapes, dtypes or devices.
-        ConfigError: the triton backend while autograd records through an input.
+        ConfigError: the triton or cuda backend while autograd records through an input.
         BackendUnavailableError: a forced backend cannot run here.
 
     Example::
@@ -98,17 +102,25 @@ def _run_reference(z, Y, scale, zd):
     return ce_head_reference(z, Y, scale, zd)
 
 
-def _run_triton(z, Y, scale, zd):
+def _scale_of(backend: str, z, Y, scale, zd) -> Tensor:
+    """The scale as a 0-d tensor of z's dtype on z's device (the kernels read it there);
+    raises ConfigError when autograd would have to differentiate the (non-differentiable)
+    ``backend``."""
     if isinstance(scale, Tensor):
         if torch.is_grad_enabled() and scale.requires_grad:
-            raise ConfigError(f"{OP}: the triton backend is not differentiable; use "
+            raise ConfigError(f"{OP}: the {backend} backend is not differentiable; use "
                               "backend='reference' to differentiate through it")
         s = scale.detach().reshape(()).to(device=z.device, dtype=z.dtype)
     else:
         s = torch.tensor(float(scale), dtype=z.dtype, device=z.device)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, Y, zd)):
-        raise ConfigError(f"{OP}: the triton backend is not differentiable; use "
+        raise ConfigError(f"{OP}: the {backend} backend is not differentiable; use "
                           "backend='reference' (or torch.no_grad()) to differentiate through it")
+    return s
+
+
+def _run_triton(z, Y, scale, zd):
+    s = _scale_of("triton", z, Y, scale, zd)
     from .._kernels.ce_head import MAX_CLASSES, ce_head as launch
     if z.shape[1] > MAX_CLASSES:
         raise ShapeError(f"{OP}: the triton kernel holds one column per tile: at most "
@@ -116,5 +128,32 @@ def _run_triton(z, Y, scale, zd):
     return launch(z, Y, s, zd)
 
 
+def _run_cuda(z, Y, scale, zd):
+    s = _scale_of("cuda", z, Y, scale, zd)
+    if zd is None:
+        loss, dz = torch.ops.fastdistill.ce_head(z, Y, s)
+        return loss, dz, None, None
+    loss, dz, dzd, dY = torch.ops.fastdistill.ce_head_tangent(z, Y, s, zd)
+    return loss, dz, dzd, dY
+
+
+def _register_extension_ops() -> None:
+    """Fake kernels of the CUDA ops (no autograd: the outputs are already derivatives)."""
+
+    @torch.library.register_fake("fastdistill::ce_head")
+    def _fake(z, Y, scale):
+        return z.new_empty(z.shape[:1]), torch.empty_like(z)
+
+    @torch.library.register_fake("fastdistill::ce_head_tangent")
+    def _fake_tangent(z, Y, scale, zd):
+        return z.new_empty(z.shape[:1]), torch.empty_like(z), torch.empty_like(z), torch.empty_like(z)
+
+
+if _backend.has_kernel("fastdistill::ce_head", "CUDA"):
+    _register_extension_ops()
+
+
 _backend.register(OP, "reference", None, _run_reference)
 _backend.register(OP, "triton", {"cuda", "cpu"}, _run_triton)
+# CUDA only (no cpp backend: there is no CPU kernel to register, see the module docstring).
+_backend.register(OP, "cuda", {"cuda"}, _run_cuda, available=_backend.kernel_probe("ce_head", "CUDA"))

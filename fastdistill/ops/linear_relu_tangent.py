@@ -9,11 +9,15 @@ v = (V, ḃ) of the layer's parameters, ḣ the input's tangent)::
 
 :func:`linear_relu_tangent_reference` is the specification, the fallback and the test oracle
 (two ``baddbmm``, written exactly as ``LeNetBatchedEngine._forward`` computes its layers);
-:func:`linear_relu_tangent` picks a backend: ``reference`` (any device) or ``triton``
+:func:`linear_relu_tangent` picks a backend: ``reference`` (any device), ``triton``
 (``kernels/linear_relu_tangent.py``: one kernel reading h, ḣ, W, V once; equal to the reference to
-round-off, not bitwise). ``auto`` takes triton on CUDA and the reference elsewhere (there is no
-C++ kernel: on CPU the two GEMMs are already torch's). Every backend is differentiable: the
-triton backend's backward is plain PyTorch (below), so it can be differentiated again.
+round-off, not bitwise) or ``cuda`` (``csrc/cuda/linear_relu_tangent.cu``, the extension's
+``fastdistill::linear_relu`` / ``linear_relu_tangent``: a shared-memory tiled kernel, bias, ReLU
+and mask fused, every output accumulated in double in ascending F_in order, so reruns are
+bit-identical). ``auto`` takes triton on CUDA (cuda when triton is missing) and the reference
+elsewhere (there is no C++ CPU kernel: on CPU the two GEMMs are already torch's). Every backend
+is differentiable: the triton and cuda backends' backward is plain PyTorch (below), so it can be
+differentiated again.
 """
 from __future__ import annotations
 
@@ -56,7 +60,8 @@ def linear_relu_tangent(h: Tensor, hd: Optional[Tensor], W: Tensor, V: Optional[
         W: ``[K, F_out, F_in]`` weights; V: ``[K, F_out, F_in]`` their direction (or None).
         b: ``[K, F_out]`` biases; bd: ``[K, F_out]`` their direction ḃ (or None).
         relu: apply the ReLU (hidden layers) or not (the logits).
-        backend: force ``"reference"`` or ``"triton"`` (default: the registry's choice).
+        backend: force ``"reference"``, ``"triton"`` or ``"cuda"`` (default: the registry's
+            choice).
     Returns:
         ``(out, ṫ)``: ``[K, F_out, n]`` each; ``out = relu(W h + b)``,
         ``ṫ = (V h + W ḣ + ḃ) · [W h + b > 0]`` (without the mask when ``relu=False``), ṫ None
@@ -168,5 +173,59 @@ def _run_triton(h, hd, W, V, b, bd, relu):
     return launch(h, hd, W, V, b, bd, relu)
 
 
+def _run_cuda(h, hd, W, V, b, bd, relu):
+    ops = torch.ops.fastdistill
+    if hd is None:
+        return ops.linear_relu(h, W, b, relu), None
+    out, td = ops.linear_relu_tangent(h, hd, W, V, b, bd, relu)
+    return out, td
+
+
+def _register_extension_ops() -> None:
+    """Fake kernels and the autograd of the CUDA ops (their backward is :func:`_backward`)."""
+
+    def _out_shape(h, W):
+        return (h.shape[0], W.shape[1], h.shape[2])
+
+    @torch.library.register_fake("fastdistill::linear_relu")
+    def _fake(h, W, b, relu):
+        return h.new_empty(_out_shape(h, W))
+
+    @torch.library.register_fake("fastdistill::linear_relu_tangent")
+    def _fake_tangent(h, hd, W, V, b, bd, relu):
+        return h.new_empty(_out_shape(h, W)), h.new_empty(_out_shape(h, W))
+
+    def _ctx(ctx, inputs, output):
+        h, W, _, ctx.relu = inputs
+        ctx.save_for_backward(h, W, output)
+
+    def _bw(ctx, g_out):
+        h, W, out = ctx.saved_tensors
+        need_h, need_W, need_b = ctx.needs_input_grad[:3]
+        d_h, _, d_W, _, d_b, _ = _backward(g_out, None, h, None, W, None, out, ctx.relu,
+                                           (need_h, False, need_W, False, need_b, False))
+        return d_h, d_W, d_b, None
+
+    def _ctx_tangent(ctx, inputs, output):
+        h, hd, W, V, _, _, ctx.relu = inputs
+        ctx.save_for_backward(h, hd, W, V, output[0])
+
+    def _bw_tangent(ctx, g_out, g_td):
+        h, hd, W, V, out = ctx.saved_tensors
+        return _backward(g_out, g_td, h, hd, W, V, out, ctx.relu, ctx.needs_input_grad[:6]) \
+            + (None,)
+
+    torch.library.register_autograd("fastdistill::linear_relu", _bw, setup_context=_ctx)
+    torch.library.register_autograd("fastdistill::linear_relu_tangent", _bw_tangent,
+                                    setup_context=_ctx_tangent)
+
+
+if _backend.has_kernel("fastdistill::linear_relu_tangent", "CUDA"):
+    _register_extension_ops()
+
+
 _backend.register(OP, "reference", None, _run_reference)
 _backend.register(OP, "triton", {"cuda", "cpu"}, _run_triton)
+# CUDA only (no cpp backend: there is no CPU kernel to register, see the module docstring).
+_backend.register(OP, "cuda", {"cuda"}, _run_cuda,
+                  available=_backend.kernel_probe("linear_relu_tangent", "CUDA"))
