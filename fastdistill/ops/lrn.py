@@ -25,7 +25,12 @@ dtypes, so a float32 result is rounded once at the end (at least as accurate as 
 float32) and a float64 one agrees with the reference to a few ulp: window sums in ascending
 channel order, t = κ + (α/n)·s, t^0.75 = √t·√√t when β = 0.75 (two correctly rounded square
 roots instead of a ``pow`` call), and 1/D formed once. The backward stacks S cotangents
-``[S, B, C, M, H, W]`` and recomputes 1/D and y/t from x once for all S.
+``[S, B, C, M, H, W]`` and recomputes 1/D and y/t from x once for all S. The ``triton`` backend
+(``kernels/lrn.py``) evaluates the same float64 expressions in the same order (t^β =
+exp(β·log t) when β ≠ 0.75); it is differentiable to any order: its first derivatives are its
+own kernels (the forward's VJP and the tangent's VJP in ẋ are the backward, the backward's VJP
+in ȳ is the tangent), and the second-order terms in x (the tangent's and the backward's VJP in
+x) go through autograd of the references.
 """
 from __future__ import annotations
 
@@ -127,7 +132,8 @@ def lrn(x: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float 
         x: ``[B, C, M, H, W]`` float32/float64 (the engine's planes ``[B·C, M, H, W]`` viewed).
         size, alpha, beta, k: as in ``F.local_response_norm`` (AlexCifarNet:
             :data:`ALEXCIFARNET_LRN`, i.e. 4, 0.001/9, 0.75, 1).
-        backend: force ``"reference"``, ``"cpp"`` or ``"cuda"``.
+        backend: force ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"`` (default: the
+            registry's choice).
     Returns:
         ``y`` with x's shape and dtype: ``y_c = x_c / (k + α/n · Σ_{j ∈ W(c)} x_j²)^β``.
     Raises:
@@ -213,3 +219,109 @@ if _backend.has_kernel("fastdistill::lrn", "CPU"):
 
 for _op in OPS:
     _backend.register_extension(_op)
+
+
+# ------------------------------------------------------------------------------ triton backend
+# First-order derivatives run on the triton kernels: VJP(forward) = backward, VJP of the tangent
+# in ẋ = backward, VJP of the backward in ȳ = the tangent per stack entry (the tangent and the
+# backward are linear in ẋ / ȳ and each other's transpose). Their dependence on the point x is
+# second order (LRN is not linear in x): those VJPs differentiate the plain-PyTorch references
+# with autograd (graph kept under create_graph), so the triton backend is differentiable to any
+# order, exact in every term.
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _vjp_in_x(reference, v: Tensor, first: Tensor, x: Tensor, hyper) -> Tensor:
+    """``∂/∂x ⟨v, reference(first, x, *hyper)⟩`` through autograd of the reference; keeps the
+    graph (in ``v``, ``first`` and ``x``) when called under grad mode (``create_graph``)."""
+    create = torch.is_grad_enabled()
+    with torch.enable_grad():
+        if create and x.requires_grad:
+            xx, ff, vv = x, first, v
+        else:
+            xx, ff, vv = x.detach().requires_grad_(True), first.detach(), v.detach()
+            create = False
+        (gx,) = torch.autograd.grad(reference(ff, xx, *hyper), xx, vv, create_graph=create)
+    return gx
+
+
+class _TritonLrn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, size, alpha, beta, k):
+        from .._kernels.lrn import lrn as launch
+        ctx.hyper = (size, alpha, beta, k)
+        ctx.save_for_backward(x)
+        return launch(x, size, alpha, beta, k)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        gx = _triton_backward(grad_y.contiguous().unsqueeze(0), x, *ctx.hyper)[0]
+        return gx, None, None, None, None
+
+
+class _TritonLrnTangent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, xd, x, size, alpha, beta, k):
+        from .._kernels.lrn import lrn_tangent as launch
+        ctx.hyper = (size, alpha, beta, k)
+        ctx.save_for_backward(xd, x)
+        return launch(xd, x, size, alpha, beta, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xd, x = ctx.saved_tensors
+        grad = grad.contiguous()
+        gxd = gx = None
+        if ctx.needs_input_grad[0]:
+            gxd = _triton_backward(grad.unsqueeze(0), x, *ctx.hyper)[0]
+        if ctx.needs_input_grad[1]:
+            gx = _vjp_in_x(lrn_tangent_reference, grad, xd, x, ctx.hyper)
+        return gxd, gx, None, None, None, None
+
+
+class _TritonLrnBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g, x, size, alpha, beta, k):
+        from .._kernels.lrn import lrn_backward as launch
+        ctx.hyper = (size, alpha, beta, k)
+        ctx.save_for_backward(g, x)
+        return launch(g, x, size, alpha, beta, k)
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, x = ctx.saved_tensors
+        grad = grad.contiguous()
+        gg = gx = None
+        if ctx.needs_input_grad[0]:
+            gg = torch.stack([_triton_tangent(grad[s], x, *ctx.hyper) for s in range(grad.shape[0])])
+        if ctx.needs_input_grad[1]:
+            gx = _vjp_in_x(lrn_backward_reference, grad, g, x, ctx.hyper)
+        return gg, gx, None, None, None, None
+
+
+def _triton_forward(x, size, alpha, beta, k):
+    if _needs_grad(x):
+        return _TritonLrn.apply(x, size, alpha, beta, k)
+    from .._kernels.lrn import lrn as launch
+    return launch(x, size, alpha, beta, k)
+
+
+def _triton_tangent(xd, x, size, alpha, beta, k):
+    if _needs_grad(xd, x):
+        return _TritonLrnTangent.apply(xd, x, size, alpha, beta, k)
+    from .._kernels.lrn import lrn_tangent as launch
+    return launch(xd, x, size, alpha, beta, k)
+
+
+def _triton_backward(g, x, size, alpha, beta, k):
+    if _needs_grad(g, x):
+        return _TritonLrnBackward.apply(g, x, size, alpha, beta, k)
+    from .._kernels.lrn import lrn_backward as launch
+    return launch(g, x, size, alpha, beta, k)
+
+
+_backend.register("lrn", "triton", {"cuda", "cpu"}, _triton_forward)
+_backend.register("lrn_tangent", "triton", {"cuda", "cpu"}, _triton_tangent)
+_backend.register("lrn_backward", "triton", {"cuda", "cpu"}, _triton_backward)

@@ -19,7 +19,12 @@ CPU kernel gives each task whole planes and adds their windows in order, so both
 reference bitwise and are deterministic. ``idx`` must be what the forward returned (every index
 inside its own window); the CUDA gather ignores any other. :func:`maxpool3s2_reference` & co.
 are the specification and the fallback; the ``cpp`` and ``cuda`` backends are
-``torch.ops.fastdistill.maxpool3s2*``.
+``torch.ops.fastdistill.maxpool3s2*``; the ``triton`` backend (``kernels/maxpool3s2.py``) runs
+the same rules (the forward's scan, a per-pixel gather in ascending window order for the
+backward, no atomics), so it too equals the reference bitwise and is deterministic. Its three
+ops are each other's adjoints (the forward's and the tangent's VJP is the backward, the
+backward's VJP is the tangent), which is how the triton backend differentiates them, to any
+order.
 """
 from __future__ import annotations
 
@@ -91,7 +96,8 @@ def maxpool3s2(z: Tensor, *, backend: Optional[str] = None) -> Tuple[Tensor, Ten
 
     Args:
         z: ``[P, M, H, W]`` planes (H, W ≥ 1), float32/float64.
-        backend: force ``"reference"``, ``"cpp"`` or ``"cuda"``.
+        backend: force ``"reference"``, ``"cpp"``, ``"cuda"`` or ``"triton"`` (default: the
+            registry's choice).
     Returns:
         ``(p, idx)``: ``[P, M, h, w]`` maxima (h = ⌊(H − 1)/2⌋ + 1) and the int64 flat argmax in
         each H×W plane, both equal to ``F.max_pool2d(z, 3, 2, 1, return_indices=True)``.
@@ -225,3 +231,83 @@ if _backend.has_kernel("fastdistill::maxpool3s2", "CPU"):
 
 for _op in OPS:
     _backend.register_extension(_op)
+
+
+# ------------------------------------------------------------------------------ triton backend
+# The three ops are mutual adjoints (idx is constant almost everywhere): VJP(forward) = backward,
+# VJP(tangent) = backward, VJP(backward) = the tangent per stack entry. Each triton op is an
+# autograd.Function whose backward calls another one, so the triton backend is differentiable to
+# any order (double backward through maxpool3s2 works as with the reference).
+def _needs_grad(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _TritonMaxpool3s2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z):
+        from .._kernels.maxpool3s2 import maxpool3s2 as launch
+        p, idx = launch(z)
+        ctx.H, ctx.W = z.shape[2], z.shape[3]
+        ctx.save_for_backward(idx)
+        ctx.mark_non_differentiable(idx)
+        return p, idx
+
+    @staticmethod
+    def backward(ctx, grad_p, grad_idx):
+        (idx,) = ctx.saved_tensors
+        return _triton_backward(grad_p.contiguous().unsqueeze(0), idx, ctx.H, ctx.W)[0]
+
+
+class _TritonMaxpool3s2Tangent(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, zd, idx):
+        from .._kernels.maxpool3s2 import maxpool3s2_tangent as launch
+        ctx.H, ctx.W = zd.shape[2], zd.shape[3]
+        ctx.save_for_backward(idx)
+        return launch(zd, idx)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        return _triton_backward(grad.contiguous().unsqueeze(0), idx, ctx.H, ctx.W)[0], None
+
+
+class _TritonMaxpool3s2Backward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, d, idx, H, W):
+        from .._kernels.maxpool3s2 import maxpool3s2_backward as launch
+        ctx.save_for_backward(idx)
+        return launch(d, idx, H, W)
+
+    @staticmethod
+    def backward(ctx, grad_dz):
+        (idx,) = ctx.saved_tensors
+        grad_dz = grad_dz.contiguous()
+        dd = torch.stack([_triton_tangent(grad_dz[s], idx) for s in range(grad_dz.shape[0])])
+        return dd, None, None, None
+
+
+def _triton_forward(z):
+    if _needs_grad(z):
+        return _TritonMaxpool3s2.apply(z)
+    from .._kernels.maxpool3s2 import maxpool3s2 as launch
+    return launch(z)
+
+
+def _triton_tangent(zd, idx):
+    if _needs_grad(zd):
+        return _TritonMaxpool3s2Tangent.apply(zd, idx)
+    from .._kernels.maxpool3s2 import maxpool3s2_tangent as launch
+    return launch(zd, idx)
+
+
+def _triton_backward(d, idx, H, W):
+    if _needs_grad(d):
+        return _TritonMaxpool3s2Backward.apply(d, idx, H, W)
+    from .._kernels.maxpool3s2 import maxpool3s2_backward as launch
+    return launch(d, idx, H, W)
+
+
+_backend.register("maxpool3s2", "triton", {"cuda", "cpu"}, _triton_forward)
+_backend.register("maxpool3s2_tangent", "triton", {"cuda", "cpu"}, _triton_tangent)
+_backend.register("maxpool3s2_backward", "triton", {"cuda", "cpu"}, _triton_backward)
