@@ -368,6 +368,7 @@ struct Net {
   // backward buffers
   T *dz, *dzd, *dh2, *dh2d, *dh1, *dh1d, *df0, *df0d, *DA1, *XC;
   T* XT;  // Xᵀ [L1 × C·25]: conv1's weight gradient is then an untransposed-B GEMM
+  T* AB;  // [V1ᵀ | W1ᵀ] or [V2ᵀ | W2ᵀ]: a tangent's two input-gradient products as one GEMM
 
   Net(const Dims& d_, const T* th_, const T* v_, const T* Xshared, const T* XTshared, std::vector<T>& buf,
       std::vector<int>& ibuf)
@@ -385,6 +386,7 @@ struct Net {
     const size_t odh2 = plan(size_t(S) * n * kF2), odh1 = plan(size_t(S) * n * kF1);
     const size_t odf0 = plan(size_t(S) * n * kF0), oDA1 = plan(size_t(S) * kC1 * n * kP1 * kP1);
     const size_t oXC = vv ? plan(size_t(d.C25()) * L1) : 0;
+    const size_t oAB = vv ? plan(std::max(size_t(d.C25()) * 2 * kC1, size_t(150) * 2 * kC2)) : 0;
     if (buf.size() < need) buf.resize(need);
     const size_t ineed = size_t(kC1) * n * kP1 * kP1 + size_t(kF0) * n;
     if (ibuf.size() < ineed) ibuf.resize(ineed);
@@ -393,7 +395,7 @@ struct Net {
     XT = Xshared ? const_cast<T*>(XTshared) : B + oXT;
     Z1 = B + oZ1; A1 = B + oA1; U = B + oU; Z2 = B + oZ2; A2 = B + oA2; f0 = B + of0;
     h1 = B + oh1; h2 = B + oh2; z = B + oz; dz = B + odz; dh2 = B + odh2; dh1 = B + odh1;
-    df0 = B + odf0; DA1 = B + oDA1; XC = vv ? B + oXC : nullptr;
+    df0 = B + odf0; DA1 = B + oDA1; XC = vv ? B + oXC : nullptr; AB = vv ? B + oAB : nullptr;
     A1d = A1 + kC1 * n * kP1 * kP1; f0d = f0 + n * kF0; h1d = h1 + n * kF1; h2d = h2 + n * kF2;
     zd = z + n * d.O; dzd = dz + n * d.O; dh2d = dh2 + n * kF2; dh1d = dh1 + n * kF1;
     df0d = df0 + n * kF0;
@@ -519,6 +521,15 @@ struct Net {
     }
   }
 
+  // AB [cols × 2·rows] = [aᵀ | bᵀ] for row-major a, b [rows × cols]
+  void stack_transposed(const T* a, const T* b, int rows, int cols) {
+    for (int q = 0; q < cols; ++q)
+      for (int o = 0; o < rows; ++o) {
+        AB[q * 2 * rows + o] = a[o * cols + q];
+        AB[q * 2 * rows + rows + o] = b[o * cols + q];
+      }
+  }
+
   // ∇W1 = δz1 Xᵀ (and R{∇W1} = δż1 Xᵀ) image by image: each image's 784 rows of Xᵀ (78 KB at
   // C = 1) stay in cache for both products; g's calls are the same with and without v
   void conv1_wgrad(const T* DZ1, const T* DZ1d, T* g, T* gd) {
@@ -559,16 +570,17 @@ struct Net {
     pool_bwd(DA1, i1, A1, kC1, n, kH1, DZ1, g + d.b1);
     if (!vv) { conv1_wgrad(DZ1, nullptr, g, nullptr); return; }
     T* Ud = U + 150 * L2;
-    gemm('T', 'N', 150, L2, kC2, V(d.w2), 150, DZ2, L2, T(0), Ud, L2);
-    gemm('T', 'N', 150, L2, kC2, W(d.w2), 150, DZ2d, L2, T(1), Ud, L2);
+    // V2ᵀ δz2 + W2ᵀ δż2 = [V2ᵀ | W2ᵀ] [δz2; δż2] (the two are consecutive rows of Z2's storage)
+    stack_transposed(V(d.w2), W(d.w2), kC2, 150);
+    gemm('N', 'N', 150, L2, 2 * kC2, AB, 2 * kC2, DZ2, L2, T(0), Ud, L2);
     T* DA1d = DA1 + kC1 * n * kP1 * kP1;
     col2im_pool1(Ud, kC1, n, DA1d);
     T* DZ1d = Z1 + kC1 * L1;
     pool_bwd(DA1d, i1, A1, kC1, n, kH1, DZ1d, gd + d.b1);
     conv1_wgrad(DZ1, DZ1d, g, gd);
     if (dximg) {  // R{∇_x ℓ} = V1ᵀ δz1 + W1ᵀ δż1, back through im2col
-      gemm('T', 'N', C25, L1, kC1, V(d.w1), C25, DZ1, L1, T(0), XC, L1);
-      gemm('T', 'N', C25, L1, kC1, W(d.w1), C25, DZ1d, L1, T(1), XC, L1);
+      stack_transposed(V(d.w1), W(d.w1), kC1, C25);
+      gemm('N', 'N', C25, L1, 2 * kC1, AB, 2 * kC1, DZ1, L1, T(0), XC, L1);
       col2im_input(XC, n, d.C, d.H, d.pad, dximg);
     }
   }
