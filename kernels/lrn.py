@@ -21,6 +21,9 @@ pass Python floats as float32). The backward first writes 1/D and y/t per (b, c,
 float64 workspace ``[2, B·C·E]``, then gathers over the transposed window for all S stacked
 cotangents. No shared writes, no atomics: reruns are bit-identical. Limits: contiguous
 float32/float64 tensors; index maths in int64; C·E < 2^31 per network (window offsets).
+The window sum and the denominator are written out in each kernel rather than in a shared
+``@triton.jit`` helper: under the CPU interpreter (how CI tests these) a nested jit call costs
+more than the whole kernel body.
 """
 import os
 
