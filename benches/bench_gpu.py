@@ -19,7 +19,8 @@ n = 10 MNIST-shaped images, float32, for each of K networks with their own θ an
 * ``batched``: LeNet's explicit batched engine (``LeNetBatchedEngine``; on CUDA its layer ops run
   on the registry's auto choice, Triton first), batched GEMMs over K;
 * ``batched-cuda``: the same with the layer ops forced to the hand-written CUDA backend
-  (``use_backend("cuda")``), which is how auto's choice between Triton and CUDA is checked.
+  (``use_backend("cuda", op)`` for each op in ``LAYER_OPS``; ``cpp`` on the CPU), which is how
+  auto's choice between Triton and CUDA is checked.
 
 Before timing, every implementation's ``(g, H λ, ∇_x̃)`` is compared with the reference's at
 float32 tolerance (an implementation that disagrees fails instead of being timed). Reported per
@@ -34,6 +35,7 @@ torch's).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -58,6 +60,8 @@ STEP_K = [int(k) for k in os.environ.get("FASTDISTILL_BENCH_K", "1,4,16,64,256")
 IMPLS = tuple(i for i in os.environ.get("FASTDISTILL_BENCH_IMPLS",
                                         "reference,vmap,batched,batched-cuda").split(",") if i.strip())
 N_IMAGES, LR, SEED = 10, 0.02, 0
+#: the engine's layer ops with a CUDA (and C++) backend; lenet_step has none on CUDA
+LAYER_OPS = ("im2col5", "col2im5", "pool2_relu", "pool2_relu_tangent", "pool2_relu_backward")
 DTYPE = torch.float32
 #: float32 peak without tensor cores, TFLOP/s (vendor datasheets, SXM parts)
 PEAK_FP32 = {"H100": 67.0, "H200": 67.0, "A100": 19.5, "L40S": 91.6, "V100": 15.7}
@@ -148,11 +152,10 @@ def make_batched(m, prob, ops_backend=None):
             _, g = eng.loss_grad(th, x, y)
             _, hv, gx, _ = eng.loss_grad_hvp(th, x, y, lam, need_x=True, need_y=False)
             return g, hv, gx
-        if ops_backend is None:
+        with contextlib.ExitStack() as stack:
+            for op in LAYER_OPS if ops_backend is not None else ():
+                stack.enter_context(_backend.use_backend(ops_backend, op))
             out = go()
-        else:
-            with _backend.use_backend(ops_backend):
-                out = go()
         _sync()
         return out
     return run

@@ -3,7 +3,7 @@
 # /work/.library/device/README.md: run it through `run` from the repository root; there `python3`
 # holds a CUDA torch with triton, pytest and pytest-benchmark, and $OUT comes back):
 #
-#   bash scripts/gpu_check.sh            # ~6-8 min on one H100/H200 (build ~2-3 min)
+#   bash scripts/gpu_check.sh            # an estimate, never timed: ~6-8 min on one H100/H200
 #
 # 1. builds fastdistill._C in place with its CUDA sources (sm_90 only, to keep the build short);
 # 2. runs every cuda-marked test (each backend on device tensors against the CPU reference,
