@@ -60,6 +60,9 @@ _HELP = {
     "max_lr": "a learned learning rate above this stops the run as diverged",
     "seed": "random seed (synthetic data, θ_0, batches, held-out models)",
     "eval_models": "held-out models of the final evaluation (random init)",
+    "val_size": "hold out N training images (a seeded draw, never in the outer batches); every "
+                "--eval-every iterations the distilled set is also scored on them, and the best "
+                "one so far is kept as best.pt (0: off)",
     "eval_every": "evaluate every N iterations (random init: on min(eval_models, 20) held-out models; 0: only at the end)",
     "checkpoint_every": "write checkpoint.pt every N iterations",
     "dtype": "float32 or float64",

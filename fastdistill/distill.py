@@ -125,6 +125,7 @@ class DistillConfig:
     seed: int = 0
     eval_models: int = 200              # held-out models for random init
     eval_every: int = 0                 # iterations between evaluations (0: only at the end)
+    val_size: int = 0                   # training images held out to pick the best iterate (0: off)
     checkpoint_every: int = 500
     dtype: str = "float32"
     threads: int = 0                    # torch.set_num_threads (0: leave as is)
@@ -168,6 +169,10 @@ class DistillConfig:
                               f"{', '.join(sorted(STRATEGIES))}")
         if self.inner_optimizer not in ("gd", "sgdm"):
             raise ConfigError(f"unknown inner optimizer {self.inner_optimizer!r}; choose gd or sgdm")
+        if int(self.val_size) < 0:
+            raise ConfigError(f"val_size must be 0 (off) or a number of training images, got {self.val_size}")
+        if int(self.val_size) > 0 and int(self.eval_every) < 1:
+            raise ConfigError("val_size picks the best of the periodic evaluations: set eval_every too")
         for name in ("steps", "epochs", "images_per_class", "n_nets", "real_batch"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

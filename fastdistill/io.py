@@ -51,6 +51,8 @@ DISTILLED_FILE = "distilled.pt"
 NPZ_FILE = "distilled.npz"
 METRICS_FILE = "metrics.json"
 GRID_FILE = "distilled.png"
+BEST_FILE = "best.pt"                # the best periodic iterate on the validation split (val_size > 0)
+BEST_METRICS_FILE = "best.json"
 
 PathLike = Union[str, os.PathLike]
 

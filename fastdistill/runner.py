@@ -41,7 +41,8 @@ from .distill import DistillConfig, Distiller, DistillResult
 from .errors import ConfigError, DataError, DivergenceError, FastDistillError, ShapeError
 from .evaluate import EvalReport, evaluate_distilled, heldout_inits
 from .io import _first_line
-from .io import (CHECKPOINT_FILE, DISTILLED_FILE, GRID_FILE, METRICS_FILE, METRICS_FORMAT, NPZ_FILE,
+from .io import (BEST_FILE, BEST_METRICS_FILE, CHECKPOINT_FILE, DISTILLED_FILE, GRID_FILE, METRICS_FILE,
+                 METRICS_FORMAT, NPZ_FILE,
                  DistilledSet, dataset_info_dict, load_distilled, save_distilled,
                  save_distilled_grid, save_metrics, save_npz)
 from ._memory import peak_rss_bytes
@@ -215,6 +216,20 @@ def _model_for(name: str, num_classes: int, x, dataset: str):
                           f"classes): {e}") from None
 
 
+def split_validation(train_x, train_y, size: int, seed: int):
+    """``(train_x, train_y, val_x, val_y)``: ``size`` training images drawn without replacement by
+    a generator of their own (seed + 7919, a stream no other part of a run uses), the rest kept in
+    order. The validation images never reach the outer batches; they only rank iterates."""
+    n = len(train_x)
+    if not 0 < size < n:
+        raise ConfigError(f"val_size must lie between 1 and {n - 1} (the training set has {n} images), got {size}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919))
+    val = perm[:size]
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[val] = False
+    return train_x[keep], train_y[keep], train_x[val], train_y[val]
+
+
 def _check_dataset(ds, name: str) -> None:
     for attr in ("train_x", "train_y", "test_x", "test_y", "info"):
         if not hasattr(ds, attr):
@@ -359,20 +374,47 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
         ds = dataset if dataset is not None else _load_data(cfg.dataset, cfg.data_root)
         _check_dataset(ds, cfg.dataset)
         info = ds.info
-        distiller = Distiller(cfg, ds.train_x, ds.train_y, info.num_classes,
-                              model=_model_for(cfg.model, info.num_classes, ds.train_x, cfg.dataset))
+        train_x, train_y, val_x, val_y = ds.train_x, ds.train_y, None, None
+        if cfg.val_size:
+            train_x, train_y, val_x, val_y = split_validation(train_x, train_y, int(cfg.val_size), cfg.seed)
+        distiller = Distiller(cfg, train_x, train_y, info.num_classes,
+                              model=_model_for(cfg.model, info.num_classes, train_x, cfg.dataset))
         if resume:
             distiller.load_checkpoint(ckpt)
         model = distiller.model
         test_x, test_y = ds.test_x, ds.test_y
         n_periodic = min(cfg.eval_models, PERIODIC_EVAL_MODELS)
 
+        # val_size > 0: the best iterate by validation accuracy so far (best.json / best.pt
+        # survive an interruption; a resumed run continues the comparison)
+        best: Dict[str, Any] = {}
+        if cfg.val_size and resume and (out / BEST_METRICS_FILE).exists():
+            import json
+            best = json.loads((out / BEST_METRICS_FILE).read_text(encoding="utf-8"))
+
+        def consider_best(d: Distiller, rec: Dict[str, Any]) -> None:
+            rep = _eval(model, cfg, d.data.detach(), d.train_labels(), d.lrs(), d.betas(), d.theta0,
+                        val_x, val_y, n_periodic)
+            rec["val_acc"] = rep.summary()["acc_after_mean"]
+            if best and rec["val_acc"] <= best["val_acc"]:
+                return
+            out.mkdir(parents=True, exist_ok=True)
+            save_distilled(out / BEST_FILE, DistilledSet.from_result(d.result(), info, cfg.model))
+            best.clear()
+            best.update({"iteration": d.iteration, "val_acc": rec["val_acc"], "val_size": int(cfg.val_size),
+                         "eval_acc": rec.get("eval_acc"), "eval_models": rec.get("eval_models"),
+                         "file": BEST_FILE})
+            save_metrics(out / BEST_METRICS_FILE, best)
+
         def periodic(d: Distiller) -> Dict[str, float]:
             rep = _eval(model, cfg, d.data.detach(), d.train_labels(), d.lrs(), d.betas(), d.theta0,
                         test_x, test_y, n_periodic)
             s = rep.summary()
-            return {"eval_acc": s["acc_after_mean"], "eval_acc_std": s["acc_after_std"],
-                    "eval_models": s["n_models"]}
+            rec = {"eval_acc": s["acc_after_mean"], "eval_acc_std": s["acc_after_std"],
+                   "eval_models": s["n_models"]}
+            if val_x is not None:
+                consider_best(d, rec)
+            return rec
 
         bar = None
         if progress:
@@ -431,6 +473,10 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
             if bar is not None:
                 bar.close()
 
+        if val_x is not None:  # the last iterate competes too
+            consider_best(distiller, {})
+            say(f"best iterate on the {cfg.val_size} validation images: iteration {best['iteration']} "
+                f"(validation accuracy {100 * best['val_acc']:.2f}%), kept in {out / BEST_FILE}")
         say(f"evaluating on {'the fixed θ_0' if cfg.fixed_init else f'{cfg.eval_models} held-out models'}")
         t_eval = time.perf_counter()
         try:
@@ -446,6 +492,12 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
                            start_iteration if resume else None, model)
         if attack is not None:
             metrics["attack"] = attack
+        if best:
+            if best["iteration"] == distiller.iteration:  # the last iterate won: its test figure is the report's
+                s = report.summary()
+                best.update(eval_acc=s["acc_after_mean"], eval_models=s["n_models"])
+                save_metrics(out / BEST_METRICS_FILE, best)
+            metrics["best"] = dict(best)
         result.metrics = {k: v for k, v in metrics.items() if k != "history"}
         distilled = DistilledSet.from_result(result, info, cfg.model)
         paths = {"checkpoint": ckpt,
