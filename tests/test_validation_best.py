@@ -90,3 +90,8 @@ def test_cli_flag_and_resume_keeps_the_best(root, tmp_path, capsys):
     second = json.loads((out / "best.json").read_text())
     assert second["val_acc"] >= first["val_acc"]  # a resumed run only replaces it by a better one
     assert second["iteration"] >= first["iteration"]
+    # best.pt is a distilled set like any other: `fastdistill evaluate` takes it
+    report = tmp_path / "best-eval.json"
+    assert cli.main(["evaluate", str(out / "best.pt"), "--data-root", str(root), "--threads", "1",
+                     "--no-progress", "--output", str(report)]) == 0
+    assert json.loads(report.read_text())
