@@ -24,6 +24,7 @@ Failure behaviour:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import signal
 import sys
@@ -389,7 +390,6 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
         # survive an interruption; a resumed run continues the comparison)
         best: Dict[str, Any] = {}
         if cfg.val_size and resume and (out / BEST_METRICS_FILE).exists():
-            import json
             best = json.loads((out / BEST_METRICS_FILE).read_text(encoding="utf-8"))
 
         def consider_best(d: Distiller, rec: Dict[str, Any]) -> None:
