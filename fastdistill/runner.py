@@ -433,8 +433,9 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
             if "eval_acc" in rec:
                 last_acc[0] = rec["eval_acc"]
                 if bar is None:
+                    val = f", validation {100 * rec['val_acc']:.2f}%" if "val_acc" in rec else ""
                     say(f"iteration {rec['iteration']}/{distiller.iterations}: loss {rec['loss']:.4f}, "
-                        f"mean lr {rec['lr_mean']:.4g}, accuracy {100 * rec['eval_acc']:.2f}%")
+                        f"mean lr {rec['lr_mean']:.4g}, accuracy {100 * rec['eval_acc']:.2f}%{val}")
                     beat.update(i=rec["iteration"], last=now)
             elif bar is None and now - beat["last"] >= HEARTBEAT_S:
                 # the rate since the previous line (a suspended or slowed process shows it)

@@ -85,7 +85,9 @@ def test_cli_flag_and_resume_keeps_the_best(root, tmp_path, capsys):
             "--val-size", "20", "--lr0", "0.1", "--outer-lr", "0.1"]
     assert cli.main(argv + ["--iterations", "4"]) == 0
     first = json.loads((out / "best.json").read_text())
-    assert "best iterate on the 20 validation images" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "best iterate on the 20 validation images" in err
+    assert "iteration 2/4: " in err and "validation " in err.split("iteration 2/4: ")[1].splitlines()[0]
     assert cli.main(argv[:-4] + ["--resume", "--iterations", "8"]) == 0
     second = json.loads((out / "best.json").read_text())
     assert second["val_acc"] >= first["val_acc"]  # a resumed run only replaces it by a better one
