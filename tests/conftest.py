@@ -22,3 +22,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """MNIST-format idx files (shared by the CLI and runner tests): class c has a bright bar at
+    rows 2c..2c+1 on a noisy background."""
+    import numpy as np
+
+    from fastdistill.data.idx import write_idx
+
+    d = tmp_path_factory.mktemp("tiny-mnist")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 60), ("t10k", 40)):
+        y = (np.arange(n) % 10).astype(np.uint8)
+        x = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(y):
+            x[i, 2 + 2 * c:4 + 2 * c, 4:24] = 250
+        write_idx(d / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(d / f"{split}-labels-idx1-ubyte.gz", y)
+    return d

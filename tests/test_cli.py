@@ -22,23 +22,6 @@ from fastdistill.runner import read_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    """MNIST-format idx files: class c has a bright bar at rows 2c..2c+1 on a noisy background."""
-    from fastdistill.data.idx import write_idx
-
-    d = tmp_path_factory.mktemp("tiny-mnist")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 60), ("t10k", 40)):
-        y = (np.arange(n) % 10).astype(np.uint8)
-        x = rng.integers(0, 60, (n, 28, 28), dtype=np.uint8)
-        for i, c in enumerate(y):
-            x[i, 2 + 2 * c:4 + 2 * c, 4:24] = 250
-        write_idx(d / f"{split}-images-idx3-ubyte.gz", x)
-        write_idx(d / f"{split}-labels-idx1-ubyte.gz", y)
-    return d
-
-
 def base(root, out, *extra):
     return ["distill", "--dataset", "mnist", "--data-root", str(root), "--out", str(out),
             "--eval-models", "2", "--threads", "1", "--no-progress", *map(str, extra)]
