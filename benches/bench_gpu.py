@@ -16,10 +16,12 @@ n = 10 MNIST-shaped images, float32, for each of K networks with their own θ an
   network after another (the eager loop everyone ships);
 * ``vmap``: one ``torch.func.vmap`` over the K networks of ``grad`` and ``grad`` of ``λ·grad``
   (the HVP and the mixed term in one reverse-over-reverse pass);
-* ``batched``: LeNet's explicit batched engine (``LeNetBatchedEngine``; on CUDA its layer ops run
-  on the registry's auto choice, Triton first), batched GEMMs over K;
+* ``batched``: LeNet's explicit batched engine (``LeNetBatchedEngine``; on CUDA its layer ops, the
+  fully connected layers and the loss head included, run on the registry's auto choice, Triton
+  first), batched GEMMs over K for the convolutions;
 * ``batched-cuda``: the same with the layer ops forced to the hand-written CUDA backend
-  (``use_backend("cuda", op)`` for each op in ``LAYER_OPS``; ``cpp`` on the CPU), which is how
+  (``use_backend("cuda", op)`` for each op in ``LAYER_OPS`` and ``CUDA_ONLY_OPS``; ``cpp`` for
+  ``LAYER_OPS`` on the CPU), which is how
   auto's choice between Triton and CUDA is checked.
 
 Before timing, every implementation's ``(g, H λ, ∇_x̃)`` is compared with the reference's at
@@ -62,6 +64,8 @@ IMPLS = tuple(i for i in os.environ.get("FASTDISTILL_BENCH_IMPLS",
 N_IMAGES, LR, SEED = 10, 0.02, 0
 #: the engine's layer ops with a CUDA (and C++) backend; lenet_step has none on CUDA
 LAYER_OPS = ("im2col5", "col2im5", "pool2_relu", "pool2_relu_tangent", "pool2_relu_backward")
+#: the engine's layer ops with a CUDA backend but no C++ one (on CPU they run torch's GEMMs)
+CUDA_ONLY_OPS = ("linear_relu_tangent", "ce_head")
 DTYPE = torch.float32
 #: float32 peak without tensor cores, TFLOP/s (vendor datasheets, SXM parts)
 PEAK_FP32 = {"H100": 67.0, "H200": 67.0, "A100": 19.5, "L40S": 91.6, "V100": 15.7}
@@ -153,7 +157,9 @@ def make_batched(m, prob, ops_backend=None):
             _, hv, gx, _ = eng.loss_grad_hvp(th, x, y, lam, need_x=True, need_y=False)
             return g, hv, gx
         with contextlib.ExitStack() as stack:
-            for op in LAYER_OPS if ops_backend is not None else ():
+            forced = () if ops_backend is None else \
+                LAYER_OPS + (CUDA_ONLY_OPS if ops_backend == "cuda" else ())
+            for op in forced:
                 stack.enter_context(_backend.use_backend(ops_backend, op))
             out = go()
         _sync()

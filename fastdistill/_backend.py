@@ -385,9 +385,14 @@ def last_used(op: Optional[str] = None):
             for k, c in _LAST.items()}
 
 
-def reset_usage() -> None:
-    """Forget what :func:`last_used` reports (e.g. at the start of a run)."""
-    _LAST.clear()
+def reset_usage(ops: Optional[Iterable[str]] = None) -> None:
+    """Forget what :func:`last_used` reports (e.g. at the start of a run): for every op, or
+    only for ``ops``."""
+    if ops is None:
+        _LAST.clear()
+        return
+    for op in ops:
+        _LAST.pop(op, None)
 
 
 def clear_cache() -> None:

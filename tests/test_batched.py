@@ -11,6 +11,7 @@
 import pytest
 import torch
 
+from fastdistill import _backend
 from fastdistill.backgrad import (make_batched_outer_loss, make_outer_loss, meta_gradient,
                                   meta_gradient_batched, meta_gradient_batched_reference)
 from fastdistill.distill import DistillConfig, Distiller
@@ -179,8 +180,25 @@ def test_meta_gradient_batched_equals_separate_autograd_runs(momentum, soft, eng
     assert got.labels is None if not soft else got.labels.shape == labels.shape
     assert got.stats["strategy"] == "batched" and got.stats["K"] == len(th0)
     assert got.stats["engine"] == ("lenet-explicit" if engine == "auto" else "autograd")
-    if engine == "auto":   # every layer op reports the backend that ran it
-        assert set(got.stats["backends"]) == set(LeNetBatchedEngine.OPS)
+    if engine == "auto":   # the ops that ran in this call report their backend, and only those
+        if _backend.has_kernel("fastdistill::lenet_grad_hvp", "CPU"):
+            assert got.stats["backends"] == {"lenet_step": "cpp"}   # one fused C++ step
+        else:   # the reference step issues every layer op
+            assert got.stats["backends"] == {op: "reference" for op in LeNetBatchedEngine.OPS}
+
+
+def test_stats_report_the_layer_ops_of_the_reference_step():
+    """Forcing lenet_step's reference: every layer op the torch step issues is reported (and
+    stays reported only for the call that ran it)."""
+    m = LeNet()
+    th0, data, labels, lrs, _, xr, yr = _problem(m, K=2)
+    with _backend.use_backend("reference", "lenet_step"):
+        got = meta_gradient_batched(m, th0, data, labels, lrs, make_outer_loss(m, xr, yr))
+    assert set(got.stats["backends"]) == set(LeNetBatchedEngine.OPS)
+    assert got.stats["backends"]["lenet_step"] == "reference"
+    if _backend.has_kernel("fastdistill::lenet_grad_hvp", "CPU"):
+        again = meta_gradient_batched(m, th0, data, labels, lrs, make_outer_loss(m, xr, yr))
+        assert again.stats["backends"] == {"lenet_step": "cpp"}
 
 
 @pytest.mark.parametrize("momentum", [False, True], ids=["gd", "momentum"])

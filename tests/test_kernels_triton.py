@@ -217,3 +217,39 @@ def test_cuda_auto_picks_triton():
     assert _backend.last_used("pool2_relu").backend == "triton"
     ce_head(torch.randn(2, 3, 4, device="cuda"), torch.rand(1, 3, 4, device="cuda"), 1.0)
     assert _backend.last_used("ce_head").backend == "triton"
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_lenet_engine_on_triton_layer_ops(dtype):
+    """The batched LeNet engine's torch step (what a GPU runs) with every layer op it issues
+    forced to triton (interpreted here) equals the same step on the reference ops, and the step
+    reports that triton ran them."""
+    import contextlib
+
+    from fastdistill.models import LeNet
+    from fastdistill.models.batched import LeNetBatchedEngine
+    m, K, n = LeNet(), 2, 3
+    g = torch.Generator().manual_seed(11)
+    th = torch.stack([m.init("xavier", torch.Generator().manual_seed(k), dtype=dtype)
+                      for k in range(K)])
+    v = 1e-2 * torch.randn(K, m.num_params, generator=g, dtype=dtype)
+    x = torch.randn(n, 1, 28, 28, generator=g, dtype=dtype)
+    y = torch.softmax(torch.randn(n, 10, generator=g, dtype=dtype), -1)     # soft labels
+    eng = LeNetBatchedEngine(m, backend="reference")
+    layer_ops = [op for op in LeNetBatchedEngine.OPS if op != "lenet_step"]
+    assert {"linear_relu_tangent", "ce_head"} <= set(layer_ops)
+
+    def run(backend):
+        with contextlib.ExitStack() as stack:
+            for op in layer_ops:
+                stack.enter_context(_backend.use_backend(backend, op))
+            out = eng.loss_grad_hvp(th, x, y, v, need_x=True, need_y=True), eng.loss_grad(th, x, y)
+        assert all(_backend.last_used(op).backend == backend for op in layer_ops)
+        return out
+    ref, _ = run("reference")
+    got, (_, g1) = run("triton")
+    tol = 2e-4 if dtype == torch.float32 else 1e-11
+    for a, b in zip(got, ref):
+        assert (a - b).abs().max() <= tol * b.abs().max(), (a - b).abs().max()
+    assert (g1 - ref[0]).abs().max() <= tol * ref[0].abs().max()

@@ -229,6 +229,7 @@ def meta_gradient_batched(model: FunctionalModel, theta0s: Tensor, data: Tensor,
         raise ShapeError(f"θ_0 for K networks must be [K, {model.num_params}], got {list(theta0s.shape)}")
     prob = InnerProblem(model, data, labels, lrs, betas)
     eng = batched_engine(model, engine)
+    _backend.reset_usage(getattr(eng, "OPS", ()))   # the stats report what ran in this call only
     K, T, S = theta0s.shape[0], prob.T, prob.steps
     orders = _check_orders(orders, K, T, S)
     per_net = orders is not None or reduce == "none"
@@ -324,7 +325,8 @@ def meta_gradient_batched(model: FunctionalModel, theta0s: Tensor, data: Tensor,
 
 
 def _op_backends(engine) -> dict:
-    """Which backend ran each layer op of the engine (``_backend.last_used``)."""
+    """Which backend ran each layer op of the engine (``_backend.last_used``; the engine's ops
+    are forgotten when a meta-gradient call starts, so this is what ran in that call)."""
     ops = getattr(engine, "OPS", ())
     used = {op: _backend.last_used(op) for op in ops}
     return {op: c.backend for op, c in used.items() if c is not None}

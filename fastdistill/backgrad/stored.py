@@ -24,6 +24,7 @@ from typing import Callable, List
 import torch
 from torch import Tensor
 
+from .. import _backend
 from ..errors import ConfigError
 from .common import InnerProblem, MetaGradient, check_finite
 
@@ -182,7 +183,9 @@ def explicit_engine(prob: InnerProblem, engine: str = "auto"):
     if engine == "autograd" or not fits:
         return None
     from ..models.batched import batched_engine
-    return batched_engine(prob.model, "lenet-explicit")
+    eng = batched_engine(prob.model, "lenet-explicit")
+    _backend.reset_usage(eng.OPS)   # the run's stats report what ran in this run only
+    return eng
 
 
 def stored_strategy(prob: InnerProblem, theta0: Tensor, outer_loss: Callable[[Tensor], Tensor],

@@ -31,7 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
+from ..ops.ce_head import ce_head
 from ..ops.im2col5 import col2im5, im2col5
+from ..ops.linear_relu_tangent import linear_relu_tangent
 from ..ops.lenet_step import lenet_step
 from ..ops.pool2_relu import pool2_relu, pool2_relu_backward, pool2_relu_tangent
 from .base import FunctionalModel
@@ -173,6 +175,14 @@ def batched_inner_loss(logits: Tensor, labels: Tensor, scale: Optional[float] = 
 
 # --------------------------------------------------------------------------------------------
 # engines
+def _linear_tangent(h: Tensor, hd: Optional[Tensor], W: Tensor, V: Optional[Tensor], b: Tensor,
+                    bd: Optional[Tensor], relu: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """:func:`~fastdistill.ops.linear_relu_tangent`: a fused Triton/CUDA kernel on a GPU, on CPU
+    its reference (the same two ``baddbmm`` this engine used to issue); every backend is
+    differentiable."""
+    return linear_relu_tangent(h, hd, W, V, b, bd, relu=relu)
+
+
 # --------------------------------------------------------------------------------------------
 class AutogradBatchedEngine:
     """Gradients and second-order terms of K networks by autograd over :func:`batched_apply`."""
@@ -223,7 +233,10 @@ class LeNetBatchedEngine:
     conv1 on shared images is a single GEMM for all networks). The memory-bound passes between
     the GEMMs are the ops :func:`~fastdistill.ops.im2col5` / ``col2im5`` and
     :func:`~fastdistill.ops.pool2_relu` (+ tangent, backward), which run on the C++ backend when
-    the extension is built (``_backend``'s choice, recorded per op). Max-pool and ReLU run as
+    the extension is built (``_backend``'s choice, recorded per op); the fully connected layers
+    with their tangents and the softmax-CE head are the ops
+    :func:`~fastdistill.ops.linear_relu_tangent` and :func:`~fastdistill.ops.ce_head` (fused
+    Triton or CUDA kernels on a GPU; on CPU their reference, the same torch expressions). Max-pool and ReLU run as
     pool-then-ReLU (equal values and, with PyTorch's first-maximum rule, equal subgradients) and
     the bias is added after the pool (a per-channel constant does not move the maximum).
 
@@ -244,7 +257,8 @@ class LeNetBatchedEngine:
     name = "lenet-explicit"
     #: the ops it runs through the backend registry (recorded in the results' stats): the whole
     #: step (``lenet_step``: C++ on CPU) and, on its reference backend, the layer ops
-    OPS = ("lenet_step", "im2col5", "col2im5", "pool2_relu", "pool2_relu_tangent", "pool2_relu_backward")
+    OPS = ("lenet_step", "im2col5", "col2im5", "pool2_relu", "pool2_relu_tangent", "pool2_relu_backward",
+           "linear_relu_tangent", "ce_head")
 
     def __init__(self, model: LeNet, backend: Optional[str] = None):
         if not isinstance(model, LeNet):
@@ -301,6 +315,20 @@ class LeNetBatchedEngine:
         centred = zd - (p * zd).sum(1, keepdim=True)                    # ż − ⟨p, ż⟩
         return p * centred * ysum * scale, -centred * scale
 
+    def _head(self, z: Tensor, Y: Tensor, scale: float, zd: Optional[Tensor]):
+        """``(ℓ, δz, δż, R{∇_ỹ ℓ})`` (the last two None without ``zd``): the op
+        :func:`~fastdistill.ops.ce_head` for softmax CE (fused Triton/CUDA kernel on a GPU, this
+        class's expressions elsewhere), the two methods above for the one-logit head."""
+        if self.O != 1:
+            grad_in = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (z, Y, zd))
+            # the fused kernels are not differentiable: under autograd the reference runs
+            return ce_head(z, Y, scale, zd, backend="reference" if grad_in else None)
+        loss, dz, aux = self._loss_head(z, Y, scale)
+        if zd is None:
+            return loss, dz, None, None
+        return (loss, dz) + self._loss_tangent(zd, aux, scale)
+
     # -- the passes --------------------------------------------------------------------------
     def _forward(self, th: Tensor, x: Tensor, shared: bool, v: Optional[Tensor]):
         K = th.shape[0]
@@ -333,21 +361,20 @@ class LeNetBatchedEngine:
         c.update(a2=a2, i2=i2)
         flat = lambda a: a.reshape(K, 16, n, 25).transpose(2, 3).reshape(K, 400, n)  # noqa: E731
         f0 = flat(a2)
-        h1 = torch.relu(torch.baddbmm(W[5].unsqueeze(2), W[4], f0))
-        h2 = torch.relu(torch.baddbmm(W[7].unsqueeze(2), W[6], h1))
-        z = torch.baddbmm(W[9].unsqueeze(2), W[8], h2)                  # [K, O, n]
-        c.update(f0=f0, h1=h1, h2=h2)
+        f0d = None
         if tan:
             z2d = torch.bmm(torch.cat([V[2], W[2]], 2), U)              # V2 U + W2 U̇
             f0d = flat(pool2_relu_tangent(z2d.view(K * 16, n, 10, 10), V[3].reshape(-1), i2, a2))
 
-            def lin_t(i, h, hd, mask):                                   # V h + W ḣ + ḃ
-                out = torch.baddbmm(V[i + 1].unsqueeze(2), torch.cat([V[i], W[i]], 2),
-                                    torch.cat([h, hd], 1))
-                return out * mask if mask is not None else out
-            h1d = lin_t(4, f0, f0d, h1 > 0)
-            h2d = lin_t(6, h1, h1d, h2 > 0)
-            c.update(f0d=f0d, h1d=h1d, h2d=h2d, zd=lin_t(8, h2, h2d, None))
+        def lin(i, h, hd, relu):  # relu(W h + b) and its tangent V h + W ḣ + ḃ (masked)
+            return _linear_tangent(h, hd, W[i], V[i] if tan else None, W[i + 1],
+                                   V[i + 1] if tan else None, relu)
+        h1, h1d = lin(4, f0, f0d, True)
+        h2, h2d = lin(6, h1, h1d, True)
+        z, zd = lin(8, h2, h2d, False)                                  # [K, O, n]
+        c.update(f0=f0, h1=h1, h2=h2)
+        if tan:
+            c.update(f0d=f0d, h1d=h1d, h2d=h2d, zd=zd)
         return z, c
 
     def _backward(self, c, dz: Tensor, dzd: Optional[Tensor], need_x: bool):
@@ -463,7 +490,7 @@ class LeNetBatchedEngine:
     # -- the same in torch ops (the reference of lenet_step, and the one-logit head) ---------
     def _loss_grad_torch(self, th: Tensor, x: Tensor, shared: bool, y: Tensor, scale: float):
         z, c = self._forward(th, x, shared, None)
-        loss, dz, _ = self._loss_head(z, self._labels(y, c["n"], z.dtype), scale)
+        loss, dz, _, _ = self._head(z, self._labels(y, c["n"], z.dtype), scale, None)
         g, _, _ = self._backward(c, dz, None, False)
         return loss, g
 
@@ -473,8 +500,7 @@ class LeNetBatchedEngine:
         K = th.shape[0]
         z, c = self._forward(th, x, shared, v)
         n = c["n"]
-        loss, dz, aux = self._loss_head(z, self._labels(y, n, z.dtype), scale)
-        dzd, dyk = self._loss_tangent(c["zd"], aux, scale)
+        loss, dz, dzd, dyk = self._head(z, self._labels(y, n, z.dtype), scale, c["zd"])
         g, hv, dx = self._backward(c, dz, dzd, need_x)
         gx = self._input_grad(dx, shared, n) if need_x else None
         gy = None
