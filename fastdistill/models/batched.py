@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ConfigError, ShapeError
+from ..ops._autograd import needs_grad
 from ..ops.ce_head import ce_head
 from ..ops.im2col5 import col2im5, im2col5
 from ..ops.linear_relu_tangent import linear_relu_tangent
@@ -320,10 +321,9 @@ class LeNetBatchedEngine:
         :func:`~fastdistill.ops.ce_head` for softmax CE (fused Triton/CUDA kernel on a GPU, this
         class's expressions elsewhere), the two methods above for the one-logit head."""
         if self.O != 1:
-            grad_in = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (z, Y, zd))
             # the fused kernels are not differentiable: under autograd the reference runs
-            return ce_head(z, Y, scale, zd, backend="reference" if grad_in else None)
+            return ce_head(z, Y, scale, zd,
+                           backend="reference" if needs_grad(z, Y, zd) else None)
         loss, dz, aux = self._loss_head(z, Y, scale)
         if zd is None:
             return loss, dz, None, None

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..errors import ConfigError, ShapeError
+from ._autograd import needs_grad
 
 __all__ = ["ce_head", "ce_head_reference"]
 
@@ -113,7 +114,7 @@ def _scale_of(backend: str, z, Y, scale, zd) -> Tensor:
         s = scale.detach().reshape(()).to(device=z.device, dtype=z.dtype)
     else:
         s = torch.tensor(float(scale), dtype=z.dtype, device=z.device)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (z, Y, zd)):
+    if needs_grad(z, Y, zd):
         raise ConfigError(f"{OP}: the {backend} backend is not differentiable; use "
                           "backend='reference' (or torch.no_grad()) to differentiate through it")
     return s

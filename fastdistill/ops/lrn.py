@@ -42,6 +42,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..errors import ShapeError
+from ._autograd import needs_grad
 
 __all__ = ["lrn", "lrn_reference", "lrn_tangent", "lrn_tangent_reference", "lrn_backward",
            "lrn_backward_reference", "ALEXCIFARNET_LRN"]
@@ -228,8 +229,6 @@ for _op in OPS:
 # second order (LRN is not linear in x): those VJPs differentiate the plain-PyTorch references
 # with autograd (graph kept under create_graph), so the triton backend is differentiable to any
 # order, exact in every term.
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _vjp_in_x(reference, v: Tensor, first: Tensor, x: Tensor, hyper) -> Tensor:
@@ -302,21 +301,21 @@ class _TritonLrnBackward(torch.autograd.Function):
 
 
 def _triton_forward(x, size, alpha, beta, k):
-    if _needs_grad(x):
+    if needs_grad(x):
         return _TritonLrn.apply(x, size, alpha, beta, k)
     from .._kernels.lrn import lrn as launch
     return launch(x, size, alpha, beta, k)
 
 
 def _triton_tangent(xd, x, size, alpha, beta, k):
-    if _needs_grad(xd, x):
+    if needs_grad(xd, x):
         return _TritonLrnTangent.apply(xd, x, size, alpha, beta, k)
     from .._kernels.lrn import lrn_tangent as launch
     return launch(xd, x, size, alpha, beta, k)
 
 
 def _triton_backward(g, x, size, alpha, beta, k):
-    if _needs_grad(g, x):
+    if needs_grad(g, x):
         return _TritonLrnBackward.apply(g, x, size, alpha, beta, k)
     from .._kernels.lrn import lrn_backward as launch
     return launch(g, x, size, alpha, beta, k)

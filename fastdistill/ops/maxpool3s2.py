@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..errors import ShapeError
+from ._autograd import needs_grad
 
 __all__ = ["maxpool3s2", "maxpool3s2_reference", "maxpool3s2_tangent", "maxpool3s2_tangent_reference",
            "maxpool3s2_backward", "maxpool3s2_backward_reference", "pooled_size"]
@@ -238,8 +239,6 @@ for _op in OPS:
 # VJP(tangent) = backward, VJP(backward) = the tangent per stack entry. Each triton op is an
 # autograd.Function whose backward calls another one, so the triton backend is differentiable to
 # any order (double backward through maxpool3s2 works as with the reference).
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class _TritonMaxpool3s2(torch.autograd.Function):
@@ -288,21 +287,21 @@ class _TritonMaxpool3s2Backward(torch.autograd.Function):
 
 
 def _triton_forward(z):
-    if _needs_grad(z):
+    if needs_grad(z):
         return _TritonMaxpool3s2.apply(z)
     from .._kernels.maxpool3s2 import maxpool3s2 as launch
     return launch(z)
 
 
 def _triton_tangent(zd, idx):
-    if _needs_grad(zd):
+    if needs_grad(zd):
         return _TritonMaxpool3s2Tangent.apply(zd, idx)
     from .._kernels.maxpool3s2 import maxpool3s2_tangent as launch
     return launch(zd, idx)
 
 
 def _triton_backward(d, idx, H, W):
-    if _needs_grad(d):
+    if needs_grad(d):
         return _TritonMaxpool3s2Backward.apply(d, idx, H, W)
     from .._kernels.maxpool3s2 import maxpool3s2_backward as launch
     return launch(d, idx, H, W)

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .. import _backend
 from ..errors import ShapeError
+from ._autograd import needs_grad
 
 __all__ = ["pool2_relu", "pool2_relu_reference", "pool2_relu_tangent",
            "pool2_relu_tangent_reference", "pool2_relu_backward", "pool2_relu_backward_reference"]
@@ -194,8 +195,6 @@ for _op in OPS:
 # VJP(forward) = backward, VJP(tangent) = backward, VJP(backward) = the tangent per stack entry.
 # Each triton op is an autograd.Function whose backward calls another one, so the backward is
 # itself differentiable (double backward through pool2_relu works as with the reference).
-def _needs_grad(*tensors: Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 class _TritonPool2Relu(torch.autograd.Function):
@@ -245,21 +244,21 @@ class _TritonPool2ReluBackward(torch.autograd.Function):
 
 
 def _triton_forward(z, bias):
-    if _needs_grad(z, bias):
+    if needs_grad(z, bias):
         return _TritonPool2Relu.apply(z, bias)
     from .._kernels.pool2_relu import pool2_relu as launch
     return launch(z, bias)
 
 
 def _triton_tangent(zd, bias_d, idx, a):
-    if _needs_grad(zd, bias_d):
+    if needs_grad(zd, bias_d):
         return _TritonPool2ReluTangent.apply(zd, bias_d, idx, a)
     from .._kernels.pool2_relu import pool2_relu_tangent as launch
     return launch(zd, bias_d, idx, a)
 
 
 def _triton_backward(d, idx, a):
-    if _needs_grad(d):
+    if needs_grad(d):
         return _TritonPool2ReluBackward.apply(d, idx, a)
     from .._kernels.pool2_relu import pool2_relu_backward as launch
     return launch(d, idx, a)
