@@ -253,3 +253,26 @@ def test_lenet_engine_on_triton_layer_ops(dtype):
     for a, b in zip(got, ref):
         assert (a - b).abs().max() <= tol * b.abs().max(), (a - b).abs().max()
     assert (g1 - ref[0]).abs().max() <= tol * ref[0].abs().max()
+
+
+@pytest.mark.cuda
+def test_cuda_lenet_engine_runs_every_layer_op_on_the_gpu():
+    """On CUDA the engine's step (auto backends) runs every layer op on triton or cuda, never the
+    reference, and equals the float64 CPU step to float32 error."""
+    from fastdistill.models import LeNet
+    from fastdistill.models.batched import LeNetBatchedEngine
+    m, K, n = LeNet(), 4, 10
+    g = torch.Generator().manual_seed(12)
+    th = torch.stack([m.init("xavier", torch.Generator().manual_seed(k), dtype=torch.float64)
+                      for k in range(K)])
+    v = 1e-2 * torch.randn(K, m.num_params, generator=g, dtype=torch.float64)
+    x = torch.randn(n, 1, 28, 28, generator=g, dtype=torch.float64)
+    y = torch.arange(n) % 10
+    ref = LeNetBatchedEngine(m, backend="reference").loss_grad_hvp(th, x, y, v)
+    eng = LeNetBatchedEngine(m)
+    got = eng.loss_grad_hvp(th.float().cuda(), x.float().cuda(), y.cuda(), v.float().cuda())
+    for op in LeNetBatchedEngine.OPS:
+        assert _backend.last_used(op).backend in (("reference",) if op == "lenet_step"
+                                                  else ("triton", "cuda")), op
+    for a, b in zip(got[:3], ref[:3]):
+        assert (a.double().cpu() - b).abs().max() <= 1e-4 * b.abs().max()
