@@ -176,14 +176,6 @@ def batched_inner_loss(logits: Tensor, labels: Tensor, scale: Optional[float] = 
 
 # --------------------------------------------------------------------------------------------
 # engines
-def _linear_tangent(h: Tensor, hd: Optional[Tensor], W: Tensor, V: Optional[Tensor], b: Tensor,
-                    bd: Optional[Tensor], relu: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """:func:`~fastdistill.ops.linear_relu_tangent`: a fused Triton/CUDA kernel on a GPU, on CPU
-    its reference (the same two ``baddbmm`` this engine used to issue); every backend is
-    differentiable."""
-    return linear_relu_tangent(h, hd, W, V, b, bd, relu=relu)
-
-
 # --------------------------------------------------------------------------------------------
 class AutogradBatchedEngine:
     """Gradients and second-order terms of K networks by autograd over :func:`batched_apply`."""
@@ -237,9 +229,11 @@ class LeNetBatchedEngine:
     the extension is built (``_backend``'s choice, recorded per op); the fully connected layers
     with their tangents and the softmax-CE head are the ops
     :func:`~fastdistill.ops.linear_relu_tangent` and :func:`~fastdistill.ops.ce_head` (fused
-    Triton or CUDA kernels on a GPU; on CPU their reference, the same torch expressions). Max-pool and ReLU run as
-    pool-then-ReLU (equal values and, with PyTorch's first-maximum rule, equal subgradients) and
-    the bias is added after the pool (a per-channel constant does not move the maximum).
+    Triton or CUDA kernels on a GPU; on CPU their reference, the same torch expressions; the
+    softmax branch of :meth:`_loss_head` / :meth:`_loss_tangent` stays as ``ce_head``'s bitwise
+    oracle in its tests). Max-pool and ReLU run as pool-then-ReLU (equal values and, with
+    PyTorch's first-maximum rule, equal subgradients) and the bias is added after the pool (a
+    per-channel constant does not move the maximum).
 
     Second order by the R-operator (Pearlmutter 1994) in direction v = (Ẇ, ḃ): the forward pass
     carries tangents ``ż = Ẇ h + W ḣ + ḃ`` (ReLU masks and pool indices are constant), the
@@ -367,8 +361,8 @@ class LeNetBatchedEngine:
             f0d = flat(pool2_relu_tangent(z2d.view(K * 16, n, 10, 10), V[3].reshape(-1), i2, a2))
 
         def lin(i, h, hd, relu):  # relu(W h + b) and its tangent V h + W ḣ + ḃ (masked)
-            return _linear_tangent(h, hd, W[i], V[i] if tan else None, W[i + 1],
-                                   V[i + 1] if tan else None, relu)
+            return linear_relu_tangent(h, hd, W[i], V[i] if tan else None, W[i + 1],
+                                       V[i + 1] if tan else None, relu=relu)
         h1, h1d = lin(4, f0, f0d, True)
         h2, h2d = lin(6, h1, h1d, True)
         z, zd = lin(8, h2, h2d, False)                                  # [K, O, n]
