@@ -6,6 +6,7 @@ Run (the figures in ``benches/RESULTS.md`` come from this command)::
         --benchmark-group-by=param:case --benchmark-columns=median,iqr,rounds \\
         --benchmark-json=/tmp/batched.json
     .venv/bin/python benches/bench_batched.py --table /tmp/batched.json   # markdown table
+    .venv/bin/python benches/bench_batched.py --sgemm     # the day's 1024² sgemm rate, 1 and 2 threads
 
 Two cases, each with the reference beside the fast paths in one group:
 
@@ -261,9 +262,29 @@ def markdown_table(bench_json: str) -> str:
     return "\n".join(out)
 
 
+def sgemm_rate(threads: int, n: int = 1024, calls: int = 20) -> float:
+    """This machine's float32 matrix rate in GFLOP/s: the mean of ``calls`` ``n × n`` products on
+    ``threads`` torch threads (after 3 warm-up calls); RESULTS.md quotes it to say how fast the
+    day's VM was."""
+    import time
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        a @ b
+    return 2 * n ** 3 * calls / (time.perf_counter() - t0) / 1e9
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--table":
         print(markdown_table(sys.argv[2]))
+        sys.exit(0)
+    if len(sys.argv) == 2 and sys.argv[1] == "--sgemm":
+        for th in (1, 2):
+            print(f"1024² sgemm, {th} thread(s): {sgemm_rate(th):.0f} GFLOP/s (mean of 20 calls)")
         sys.exit(0)
     print(__doc__)
     sys.exit(2)

@@ -1,5 +1,5 @@
-"""ce_head: the reference is exactly the batched LeNet engine's loss head and tangent, and the
-derivatives it claims (autograd, float64); the triton backend (CPU interpreter here) and the
+"""ce_head: the batched LeNet engine's softmax head runs through it (bitwise its reference), and
+the reference has the derivatives it claims (autograd, float64); the triton backend (CPU interpreter here) and the
 cuda backend (GPU only) equal it at float32 error (≤ 2× torch's own against float64), closely in
 float64, with shared or per-network, soft or one-hot targets; stay inside their inputs and are
 deterministic (cuda: bit-identical reruns, opcheck); a forced cuda backend on CPU fails loudly."""
@@ -46,19 +46,23 @@ def _err(x, ref64):
 
 
 @pytest.mark.parametrize("O", [10, 3])
-def test_reference_equals_the_engines_loss_head_and_tangent(O):
-    """Bitwise: the op can replace LeNetBatchedEngine._loss_head + _loss_tangent (softmax heads;
-    two classes run as one-logit BCE there, which ce_head does not cover)."""
+def test_engine_head_is_the_op(O):
+    """Bitwise: the engine's softmax head (forward and tangent) is ce_head (two classes run as
+    one-logit BCE there, which ce_head does not cover); its derivatives are checked below."""
     eng = LeNetBatchedEngine(LeNet(O))
     assert eng.O == O
     for dtype, shared in ((torch.float32, False), (torch.float64, True)):
         z, Y, zd = _data(3, O, 6, shared, dtype, seed=O)
         scale = 1.0 / 6
-        loss, dz, aux = eng._loss_head(z, Y, scale)
-        dzd, dy = eng._loss_tangent(zd, aux, scale)
-        got = ce_head_reference(z, Y, scale, zd)
-        for g, w in zip(got, (loss, dz, dzd, dy)):
+        want = ce_head_reference(z, Y, scale, zd)
+        _backend.reset_usage(["ce_head"])
+        got = eng._head(z, Y, scale, zd)
+        assert _backend.last_used("ce_head").backend == "reference"   # CPU: auto's choice
+        for g, w in zip(got, want):
             assert torch.equal(g, w)
+        loss, dz, none1, none2 = eng._head(z, Y, scale, None)
+        assert torch.equal(loss, want[0]) and torch.equal(dz, want[1])
+        assert none1 is None and none2 is None
 
 
 def test_reference_derivatives_with_autograd_float64():

@@ -229,9 +229,8 @@ class LeNetBatchedEngine:
     the extension is built (``_backend``'s choice, recorded per op); the fully connected layers
     with their tangents and the softmax-CE head are the ops
     :func:`~fastdistill.ops.linear_relu_tangent` and :func:`~fastdistill.ops.ce_head` (fused
-    Triton or CUDA kernels on a GPU; on CPU their reference, the same torch expressions; the
-    softmax branch of :meth:`_loss_head` / :meth:`_loss_tangent` stays as ``ce_head``'s bitwise
-    oracle in its tests). Max-pool and ReLU run as pool-then-ReLU (equal values and, with
+    Triton or CUDA kernels on a GPU; on CPU their reference, the torch expressions this engine
+    issued before). Max-pool and ReLU run as pool-then-ReLU (equal values and, with
     PyTorch's first-maximum rule, equal subgradients) and the bias is added after the pool (a
     per-channel constant does not move the maximum).
 
@@ -287,33 +286,23 @@ class LeNetBatchedEngine:
         return yk.to(dtype).transpose(1, 2)
 
     def _loss_head(self, z: Tensor, Y: Tensor, scale: float):
-        """(ℓ [K], δz, aux) for logits ``z [K, O, n]``; aux feeds the tangent of δz.
+        """One-logit BCE head: ``(ℓ [K], δz, σ)`` for logits ``z [K, 1, n]``; σ feeds the tangent.
 
-        Softmax CE with targets ỹ (soft labels need not sum to one): ``ℓ = −s Σ ỹ log p``,
-        ``δz = s (p Σ_c ỹ − ỹ)``; one-logit BCE: ``ℓ = s Σ softplus(z) − ỹ z``, ``δz = s (σ − ỹ)``.
+        ``ℓ = s Σ softplus(z) − ỹ z``, ``δz = s (σ − ỹ)`` (softmax CE is the op ``ce_head``).
         """
-        if self.O == 1:
-            sg = torch.sigmoid(z)
-            loss = (F.binary_cross_entropy_with_logits(z, Y.expand_as(z), reduction="none")
-                    .sum((1, 2)) * scale)
-            return loss, (sg - Y) * scale, sg
-        logp = torch.log_softmax(z, dim=1)
-        p = logp.exp()
-        ysum = Y.sum(1, keepdim=True)
-        return -(Y * logp).sum((1, 2)) * scale, (p * ysum - Y) * scale, (p, ysum)
+        sg = torch.sigmoid(z)
+        loss = (F.binary_cross_entropy_with_logits(z, Y.expand_as(z), reduction="none")
+                .sum((1, 2)) * scale)
+        return loss, (sg - Y) * scale, sg
 
-    def _loss_tangent(self, zd: Tensor, aux, scale: float):
-        """(δż, R{∇_ỹ ℓ}) in the ``[K, O, n]`` layout."""
-        if self.O == 1:
-            return aux * (1 - aux) * zd * scale, -zd * scale
-        p, ysum = aux
-        centred = zd - (p * zd).sum(1, keepdim=True)                    # ż − ⟨p, ż⟩
-        return p * centred * ysum * scale, -centred * scale
+    def _loss_tangent(self, zd: Tensor, sg: Tensor, scale: float):
+        """One-logit head: (δż, R{∇_ỹ ℓ}) in the ``[K, 1, n]`` layout."""
+        return sg * (1 - sg) * zd * scale, -zd * scale
 
     def _head(self, z: Tensor, Y: Tensor, scale: float, zd: Optional[Tensor]):
         """``(ℓ, δz, δż, R{∇_ỹ ℓ})`` (the last two None without ``zd``): the op
-        :func:`~fastdistill.ops.ce_head` for softmax CE (fused Triton/CUDA kernel on a GPU, this
-        class's expressions elsewhere), the two methods above for the one-logit head."""
+        :func:`~fastdistill.ops.ce_head` for softmax CE (fused Triton/CUDA kernel on a GPU, its
+        torch reference elsewhere), the two methods above for the one-logit head."""
         if self.O != 1:
             # the fused kernels are not differentiable: under autograd the reference runs
             return ce_head(z, Y, scale, zd,

@@ -1,5 +1,5 @@
 """``ce_head``: the softmax cross-entropy head of K networks with its gradient and R-operator
-tangent, as the batched LeNet engine's loss needs it (``_loss_head`` + ``_loss_tangent``).
+tangent, as the batched LeNet engine's loss needs it (the engine calls it).
 
 Maths, per network k, image column j, classes c (targets ỹ need not sum to one: soft labels;
 σ = Σ_c ỹ_c, scale s, logit tangent ż = R{z})::
@@ -10,7 +10,7 @@ Maths, per network k, image column j, classes c (targets ỹ need not sum to one
     R{∇_ỹ ℓ} = R{−s log p} = −s (ż − ⟨p, ż⟩)
 
 :func:`ce_head_reference` is the specification, the fallback and the test oracle: the same torch
-code as the engine's two methods (equal to them bitwise). :func:`ce_head` picks a backend:
+code the engine issued before it called this op. :func:`ce_head` picks a backend:
 ``reference`` (any device), ``triton`` (``kernels/ce_head.py``: one pass over z, ỹ, ż; equal to
 the reference to round-off) or ``cuda`` (``csrc/cuda/ce_head.cu``, the extension's
 ``fastdistill::ce_head`` / ``ce_head_tangent``: one warp per image column, fixed-order

@@ -8,7 +8,7 @@ v = (V, ḃ) of the layer's parameters, ḣ the input's tangent)::
     ż = V h + W ḣ + ḃ,   ṫ = ż · [z > 0]        (relu=False: ṫ = ż)
 
 :func:`linear_relu_tangent_reference` is the specification, the fallback and the test oracle
-(two ``baddbmm``, written exactly as ``LeNetBatchedEngine._forward`` computes its layers);
+(two ``baddbmm``; ``LeNetBatchedEngine._forward`` runs its layers through this op);
 :func:`linear_relu_tangent` picks a backend: ``reference`` (any device), ``triton``
 (``kernels/linear_relu_tangent.py``: one kernel reading h, ḣ, W, V once; equal to the reference to
 round-off, not bitwise) or ``cuda`` (``csrc/cuda/linear_relu_tangent.cu``, the extension's
