@@ -31,8 +31,9 @@ cheaper, unbiased variant, and the result's ``protocol`` string says which one r
 from __future__ import annotations
 
 import statistics
+import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -230,7 +231,8 @@ def evaluate_training_baseline(name: str, model: FunctionalModel, sets: Sequence
                                epoch_grid: Sequence[int] = EPOCH_GRID,
                                select_theta0s: Optional[Sequence[Tensor]] = None,
                                select_sets: Optional[int] = None,
-                               select_test: Optional[Tuple[Tensor, Tensor]] = None) -> BaselineResult:
+                               select_test: Optional[Tuple[Tensor, Tensor]] = None,
+                               progress: Optional[Callable[[str], None]] = None) -> BaselineResult:
     """Best-of-grid evaluation of real-image training sets (DD's baseline protocol).
 
     Args:
@@ -242,6 +244,8 @@ def evaluate_training_baseline(name: str, model: FunctionalModel, sets: Sequence
         select_theta0s, select_sets, select_test: where the grid is scored. Default: on
             ``theta0s``, all sets and the full test set (the paper's choice); the final accuracies
             then reuse the grid runs.
+        progress: called with one line after each (set, lr) of the grid and each reported set
+            (these runs take up to an hour on a CPU); None is silent.
     Returns:
         :class:`BaselineResult` (accuracies in [0, 1]).
     """
@@ -256,6 +260,8 @@ def evaluate_training_baseline(name: str, model: FunctionalModel, sets: Sequence
     sx, sy = (test_x, test_y) if select_test is None else select_test
     paper = select_theta0s is None and select_sets is None and select_test is None
     dtype = sets[0][0].dtype
+    say = progress or (lambda _m: None)
+    t0 = time.perf_counter()
     scores: Dict[Tuple, List[float]] = {}
     per_run: Dict[Tuple, List[List[float]]] = {}   # (lr, E) -> per set, per model accuracy
     for si, (data, labels) in enumerate(sel_sets):
@@ -267,6 +273,9 @@ def evaluate_training_baseline(name: str, model: FunctionalModel, sets: Sequence
                     scores.setdefault((lr, E), []).append(a)
                     rows = per_run.setdefault((lr, E), [[] for _ in sel_sets])
                     rows[si].append(a)
+            best = max(statistics.fmean(scores[(lr, E)]) for E in epoch_grid)
+            say(f"{name}: grid set {si + 1}/{len(sel_sets)}, lr {lr}: best over epochs {best:.2%} "
+                f"on {len(sel_th)} model(s) [{time.perf_counter() - t0:.0f} s]")
     key = max(scores, key=lambda k: statistics.fmean(scores[k]))
     lr, E = key
     grid = {f"lr={k[0]},E={k[1]}": statistics.fmean(v) for k, v in scores.items()}
@@ -275,8 +284,12 @@ def evaluate_training_baseline(name: str, model: FunctionalModel, sets: Sequence
         rows = per_run[key]
     else:
         cyc = _lr_cycle(lr, learned_lrs, dtype)
-        rows = [[_acc(model, train_checkpoints(model, th0, d, l, cyc, [E])[E], test_x, test_y)
-                 for th0 in thetas] for d, l in sets]
+        rows = []
+        for i, (d, l) in enumerate(sets):
+            rows.append([_acc(model, train_checkpoints(model, th0, d, l, cyc, [E])[E], test_x, test_y)
+                         for th0 in thetas])
+            say(f"{name}: reported set {i + 1}/{len(sets)} with lr {lr} × {E} epochs: "
+                f"{statistics.fmean(rows[-1]):.2%} over {len(thetas)} model(s) [{time.perf_counter() - t0:.0f} s]")
     res.accs = [a for r in rows for a in r]
     res.set_means = [statistics.fmean(r) for r in rows]
     res.protocol = ("best of lr × epochs on the reported models (paper)" if paper else
@@ -288,7 +301,8 @@ def evaluate_training_baseline(name: str, model: FunctionalModel, sets: Sequence
 def optimized_real(model: FunctionalModel, x: Tensor, y: Tensor, num_classes: int, per_class: int,
                    steps: int, score_theta0s: Sequence[Tensor], lr: Union[str, float], epochs: int, *,
                    learned_lrs: Optional[Tensor] = None, candidates: int = 50, keep: int = 10,
-                   score_images: int = 1024, generator: Optional[torch.Generator] = None
+                   score_images: int = 1024, generator: Optional[torch.Generator] = None,
+                   progress: Optional[Callable[[str], None]] = None
                    ) -> Tuple[List[ImageSet], List[float]]:
     """The "optimized real" sets: ``candidates`` random-real sets, each scored by the mean
     accuracy of the ``score_theta0s`` models (20 in the paper) trained on it with (lr, epochs)
@@ -306,6 +320,8 @@ def optimized_real(model: FunctionalModel, x: Tensor, y: Tensor, num_classes: in
                 for th0 in score_theta0s]
         cands.append(s)
         scores.append(statistics.fmean(accs))
+        if progress is not None and (len(cands) % 10 == 0 or len(cands) == candidates):
+            progress(f"optimized real: scored {len(cands)}/{candidates} candidate sets (best {max(scores):.2%})")
     order = sorted(range(candidates), key=lambda i: -scores[i])[:keep]
     return [cands[i] for i in order], scores
 

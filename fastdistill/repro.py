@@ -180,12 +180,13 @@ SETTINGS: Dict[str, Setting] = {s.key: s for s in _settings()}
 class Context:
     """Shared state of one ``run`` invocation: scale, results folder, loaded datasets."""
 
-    def __init__(self, results: Path, scale: str, seed: int = 0, progress: Callable[[str], None] = print):
+    def __init__(self, results: Path, scale: str, seed: int = 0, progress: Optional[Callable[[str], None]] = None):
         if scale not in SCALES:
             raise ConfigError(f"unknown scale {scale!r}; choose one of {', '.join(SCALES)}")
         self.results, self.scale, self.sc, self.seed = Path(results), scale, SCALES[scale], seed
         self.results.mkdir(parents=True, exist_ok=True)
-        self.say = progress
+        # flushed: runs last hours and their output usually goes to a log file
+        self.say = progress or (lambda m: print(m, flush=True))
         self.force = False
         self._data: Dict[str, Any] = {}
 
@@ -320,7 +321,7 @@ def _baseline_sets(ctx: Context, ds, method: str, per_class: int, steps: int, n_
         sc = ctx.sc
         kept, _ = B.optimized_real(m, x, y, C, per_class, steps, score_thetas, choice["lr"], choice["epochs"],
                                    learned_lrs=learned, candidates=sc["opt_candidates"], keep=sc["opt_keep"],
-                                   generator=g)
+                                   generator=g, progress=ctx.say)
         return kept
     raise ConfigError(f"unknown baseline method {method!r}")
 
@@ -342,7 +343,7 @@ def _run_baseline(ctx: Context, s: Setting) -> Dict[str, Any]:
         sx, sy = sel_test if sel_test is not None else (ds.test_x, ds.test_y)
         rr = B.evaluate_training_baseline("random real", m,
                                           _baseline_sets(ctx, ds, "random", p["per_class"], p["steps"], sc["select_sets"]),
-                                          sx, sy, sel, learned_lrs=learned)
+                                          sx, sy, sel, learned_lrs=learned, progress=ctx.say)
         sets = _baseline_sets(ctx, ds, method, p["per_class"], p["steps"], 0, m,
                               score_thetas=sel[:sc["opt_score_models"]], choice=rr.choice, learned=learned)
         extra = (f"; {sc['opt_keep']} best of {sc['opt_candidates']} random sets scored on "
@@ -351,7 +352,8 @@ def _run_baseline(ctx: Context, s: Setting) -> Dict[str, Any]:
         sets = _baseline_sets(ctx, ds, method, p["per_class"], p["steps"], sc["sets"])
     tx, ty, sub = ctx.test(ds)
     res = B.evaluate_training_baseline(s.title, m, sets, tx, ty, thetas, learned_lrs=learned,
-                                       select_theta0s=sel, select_sets=sc["select_sets"], select_test=sel_test)
+                                       select_theta0s=sel, select_sets=sc["select_sets"], select_test=sel_test,
+                                       progress=ctx.say)
     lr_note = "" if learned is not None else "; 'learned' rate option omitted (no distilled run yet)"
     return dict(mean=res.mean, std=res.std, n_models=res.n_models, n_sets=res.n_sets, choice=res.choice,
                 grid=res.grid, protocol=res.protocol + extra + lr_note + sub)

@@ -139,14 +139,21 @@ def test_training_baseline_selects_the_working_rate():
                                      learned_lrs=torch.tensor([0.02]))
     assert len(sel.grid) == 6 and sel.n_models == 1 and len(sel.accs) == 2
     assert "separate" in sel.protocol
+    # progress: one line per (selection set, lr) and per reported set
+    lines = []
+    evaluate_training_baseline("random real", m, sets, tx, ty, ths[:1], lr_grid=(0.0, 0.5), epoch_grid=(1, 5),
+                               select_theta0s=ths[1:], select_sets=1, progress=lines.append)
+    assert len(lines) == 2 + 2 and "grid set 1/1, lr 0.5" in lines[1] and "reported set 2/2" in lines[3]
 
 
 def test_optimized_real_keeps_the_best_scored_sets():
     m = tiny_model()
     x, y = blobs()
     ths = [m.init("xavier", torch.Generator().manual_seed(s)) for s in range(2)]
+    lines = []
     kept, scores = optimized_real(m, x, y, 3, 1, 1, ths, 0.05, 3, candidates=6, keep=2, score_images=60,
-                                  generator=torch.Generator().manual_seed(0))
+                                  generator=torch.Generator().manual_seed(0), progress=lines.append)
+    assert lines == [f"optimized real: scored 6/6 candidate sets (best {max(scores):.2%})"]
     assert len(kept) == 2 and len(scores) == 6
     assert min(sorted(scores)[-2:]) >= sorted(scores)[-3]
 
