@@ -31,7 +31,7 @@ def accuracy(model: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor, batch:
     """Top-1 accuracy of f(·; θ) on (x, y); one-logit models threshold at 0."""
     correct = 0
     for i in range(0, len(x), batch):
-        z = model.apply(theta, x[i:i + batch].to(theta.dtype))
+        z = model.predict(theta, x[i:i + batch].to(theta.dtype))
         pred = (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
         correct += int((pred == y[i:i + batch]).sum())
     return correct / max(1, len(x))

@@ -87,7 +87,7 @@ def attack_metrics(model: FunctionalModel, theta: Tensor, x: Tensor, y: Tensor, 
     y2 = relabel(y, K, T)
     correct = flipped = 0
     for i in range(0, len(x), batch):
-        pred = model.apply(theta, x[i:i + batch].to(theta.dtype)).argmax(1)
+        pred = model.predict(theta, x[i:i + batch].to(theta.dtype)).argmax(1)
         correct += int((pred == y2[i:i + batch]).sum())
         flipped += int(((pred == T) & (y[i:i + batch] == K)).sum())
     return {"acc_modified": correct / len(x), "k_to_t": flipped / nk}

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastdistill.errors import ConfigError, ShapeError
+from fastdistill.evaluate import accuracy
 from fastdistill.models import (INIT_SCHEMES, AlexCifarNet, AlexCifarNetModule, LeNet, LeNetModule,
                                 ModuleModel, build_model)
 
@@ -25,6 +26,23 @@ def test_lenet_equals_module_float64(num_classes):
     _load_module(fm, mod, th)
     x = torch.randn(7, 1, 28, 28, dtype=torch.float64)
     assert torch.equal(fm.apply(th, x), mod(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("num_classes,channels,size", [(10, 1, 28), (2, 1, 28), (10, 3, 32)])
+def test_lenet_predict_equals_apply_bitwise(dtype, num_classes, channels, size):
+    # predict's pooling is a max of the window corners; values (not gradients) must be apply's
+    fm = LeNet(num_classes, channels, size)
+    th = fm.init("xavier", torch.Generator().manual_seed(3), dtype=dtype).requires_grad_(True)
+    x = torch.randn(9, channels, size, size, dtype=dtype)
+    x[:3] = 0.5            # constant images: tied pooling windows everywhere
+    x[3, :, :, ::2] = x[3, :, :, 1::2]   # pairwise-equal columns
+    z = fm.predict(th, x)
+    assert not z.requires_grad and torch.equal(z, fm.apply(th, x).detach())
+    y = torch.randint(0, 2, (9,))
+    assert torch.equal(torch.tensor(accuracy(fm, th.detach(), x, y)),
+                       torch.tensor(float(((fm.apply(th, x)[:, 0] > 0).long() if num_classes == 2
+                                           else fm.apply(th, x).argmax(1)).eq(y).float().mean())))
 
 
 def test_lenet_parameter_count_and_shapes():

@@ -144,6 +144,12 @@ class FunctionalModel:
     def apply(self, theta: Tensor, x: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def predict(self, theta: Tensor, x: Tensor) -> Tensor:
+        """``apply(θ, x)`` without gradients (evaluation). Models may override it with a faster
+        forward pass that returns the same values; ``apply`` stays the one to differentiate."""
+        with torch.no_grad():
+            return self.apply(theta, x)
+
     def __call__(self, theta: Tensor, x: Tensor) -> Tensor:
         return self.apply(theta, x)
 

@@ -11,6 +11,17 @@ from .base import FunctionalModel
 __all__ = ["LeNet", "AlexCifarNet", "LeNetModule", "AlexCifarNetModule"]
 
 
+def _max_pool2_values(h: Tensor) -> Tensor:
+    """``F.max_pool2d(h, 2)``'s values as the maximum of the four window corners (bitwise the
+    same values: a max rounds nothing), ~6× faster on CPU for LeNet's few channels. Values only:
+    at tied inputs ``torch.maximum`` splits the gradient where max_pool2d routes it to one input,
+    so this serves :meth:`LeNet.predict`, never the differentiated :meth:`LeNet.apply`."""
+    H, W = h.shape[-2] // 2, h.shape[-1] // 2
+    b = h[..., :2 * H, :2 * W].unflatten(-1, (W, 2)).unflatten(-3, (H, 2))
+    return torch.maximum(torch.maximum(b[..., 0, :, 0], b[..., 0, :, 1]),
+                         torch.maximum(b[..., 1, :, 0], b[..., 1, :, 1]))
+
+
 class LeNet(FunctionalModel):
     """Conv(c→6,5,pad 2 at 28 px)–ReLU–MaxPool2–Conv(6→16,5)–ReLU–MaxPool2–FC400→120→84→C.
 
@@ -36,9 +47,16 @@ class LeNet(FunctionalModel):
         ])
 
     def apply(self, theta: Tensor, x: Tensor) -> Tensor:
+        return self._forward(theta, x, F.max_pool2d)
+
+    def predict(self, theta: Tensor, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self._forward(theta, x, lambda h, _k: _max_pool2_values(h))
+
+    def _forward(self, theta: Tensor, x: Tensor, pool) -> Tensor:
         p = self.unflatten(theta)
-        h = F.max_pool2d(F.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=self.pad)), 2)
-        h = F.max_pool2d(F.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"])), 2)
+        h = pool(F.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=self.pad)), 2)
+        h = pool(F.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"])), 2)
         h = h.flatten(1)
         h = F.relu(F.linear(h, p["fc1.weight"], p["fc1.bias"]))
         h = F.relu(F.linear(h, p["fc2.weight"], p["fc2.bias"]))
