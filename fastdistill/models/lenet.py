@@ -13,7 +13,8 @@ __all__ = ["LeNet", "AlexCifarNet", "LeNetModule", "AlexCifarNetModule"]
 
 def _max_pool2_values(h: Tensor) -> Tensor:
     """``F.max_pool2d(h, 2)``'s values as the maximum of the four window corners (bitwise the
-    same values: a max rounds nothing), ~6× faster on CPU for LeNet's few channels. Values only:
+    same values: a max rounds nothing), faster on CPU for LeNet's few channels (the whole
+    evaluation pass: ``benches/bench_eval.py``). Values only:
     at tied inputs ``torch.maximum`` splits the gradient where max_pool2d routes it to one input,
     so this serves :meth:`LeNet.predict`, never the differentiated :meth:`LeNet.apply`."""
     H, W = h.shape[-2] // 2, h.shape[-1] // 2
