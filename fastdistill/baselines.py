@@ -275,7 +275,7 @@ def evaluate_training_baseline(name: str, model: FunctionalModel, sets: Sequence
                     rows[si].append(a)
             best = max(statistics.fmean(scores[(lr, E)]) for E in epoch_grid)
             say(f"{name}: grid set {si + 1}/{len(sel_sets)}, lr {lr}: best over epochs {best:.2%} "
-                f"on {len(sel_th)} model(s) [{time.perf_counter() - t0:.0f} s]")
+                f"on {len(sel_th)} model(s) × {si + 1} set(s) so far [{time.perf_counter() - t0:.0f} s]")
     key = max(scores, key=lambda k: statistics.fmean(scores[k]))
     lr, E = key
     grid = {f"lr={k[0]},E={k[1]}": statistics.fmean(v) for k, v in scores.items()}

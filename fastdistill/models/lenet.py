@@ -11,6 +11,10 @@ from .base import FunctionalModel
 __all__ = ["LeNet", "AlexCifarNet", "LeNetModule", "AlexCifarNetModule"]
 
 
+def _max_pool2(h: Tensor) -> Tensor:
+    return F.max_pool2d(h, 2)
+
+
 def _max_pool2_values(h: Tensor) -> Tensor:
     """``F.max_pool2d(h, 2)``'s values as the maximum of the four window corners (bitwise the
     same values: a max rounds nothing), faster on CPU for LeNet's few channels (the whole
@@ -48,16 +52,16 @@ class LeNet(FunctionalModel):
         ])
 
     def apply(self, theta: Tensor, x: Tensor) -> Tensor:
-        return self._forward(theta, x, F.max_pool2d)
+        return self._forward(theta, x, _max_pool2)
 
     def predict(self, theta: Tensor, x: Tensor) -> Tensor:
         with torch.no_grad():
-            return self._forward(theta, x, lambda h, _k: _max_pool2_values(h))
+            return self._forward(theta, x, _max_pool2_values)
 
     def _forward(self, theta: Tensor, x: Tensor, pool) -> Tensor:
         p = self.unflatten(theta)
-        h = pool(F.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=self.pad)), 2)
-        h = pool(F.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"])), 2)
+        h = pool(F.relu(F.conv2d(x, p["conv1.weight"], p["conv1.bias"], padding=self.pad)))
+        h = pool(F.relu(F.conv2d(h, p["conv2.weight"], p["conv2.bias"])))
         h = h.flatten(1)
         h = F.relu(F.linear(h, p["fc1.weight"], p["fc1.bias"]))
         h = F.relu(F.linear(h, p["fc2.weight"], p["fc2.bias"]))
