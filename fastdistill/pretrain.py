@@ -33,9 +33,10 @@ from .backgrad.common import inner_loss
 from .errors import ConfigError, DataError, DivergenceError, ShapeError
 from .evaluate import accuracy, heldout_inits
 from .models import FunctionalModel, build_model
+from .models.batched import batched_engine, supports_batched
 
-__all__ = ["POOL_FORMAT", "ModelPool", "train_model", "pretrain_pool", "save_pool", "load_pool",
-           "pool_initialisers", "evaluation_inits", "finetune_full"]
+__all__ = ["POOL_FORMAT", "ModelPool", "train_model", "train_models", "pretrain_pool", "partial_path",
+           "save_pool", "load_pool", "pool_initialisers", "evaluation_inits", "finetune_full"]
 
 POOL_FORMAT = "fastdistill.pool/v1"
 
@@ -80,7 +81,8 @@ class ModelPool:
 def train_model(model: FunctionalModel, theta0: Tensor, x: Tensor, y: Tensor, *, epochs: float = 1.0,
                 lr: float = 0.01, momentum: float = 0.9, batch: int = 64,
                 generator: Optional[torch.Generator] = None) -> Tensor:
-    """Minibatch SGD (with momentum) on (x, y) from θ_0; returns the trained flat θ.
+    """Minibatch SGD (with momentum) on (x, y) from θ_0; returns the trained flat θ (float32, or
+    float64 when θ_0 is float64).
 
     ``epochs`` may be fractional (``round(epochs·N/batch)`` shuffled minibatches).
     Update: ``v ← μ v + g``, ``θ ← θ − lr·v`` (PyTorch's SGD convention).
@@ -89,10 +91,9 @@ def train_model(model: FunctionalModel, theta0: Tensor, x: Tensor, y: Tensor, *,
         ShapeError: empty or mismatched training set; DivergenceError: the weights became
             non-finite (the message names the learning rate).
     """
-    if len(x) == 0 or len(x) != len(y):
-        raise ShapeError(f"training set must be non-empty with one label per image, got {len(x)} images "
-                         f"and {len(y)} labels")
-    th = theta0.detach().clone().float()
+    _check_training_set(x, y)
+    dt = _train_dtype(theta0)
+    th = theta0.detach().clone().to(dt)
     v = torch.zeros_like(th)
     n, b = len(x), min(batch, len(x))
     total = int(round(epochs * n / b))
@@ -104,7 +105,7 @@ def train_model(model: FunctionalModel, theta0: Tensor, x: Tensor, y: Tensor, *,
         pos += b
         p = th.requires_grad_(True)
         with torch.enable_grad():
-            g, = torch.autograd.grad(inner_loss(model.apply(p, x[idx].float()), y[idx]), p)
+            g, = torch.autograd.grad(inner_loss(model.apply(p, x[idx].to(dt)), y[idx]), p)
         th = th.detach()
         v = momentum * v + g
         th = th - lr * v
@@ -113,11 +114,72 @@ def train_model(model: FunctionalModel, theta0: Tensor, x: Tensor, y: Tensor, *,
     return th.detach()
 
 
+def _train_dtype(theta: Tensor) -> torch.dtype:
+    """float64 weights train in float64 (the tests' exact comparisons), anything else in float32."""
+    return torch.float64 if theta.dtype == torch.float64 else torch.float32
+
+
+def _check_training_set(x: Tensor, y: Tensor) -> None:
+    if len(x) == 0 or len(x) != len(y):
+        raise ShapeError(f"training set must be non-empty with one label per image, got {len(x)} images "
+                         f"and {len(y)} labels")
+
+
+def train_models(model: FunctionalModel, theta0s: Tensor, x: Tensor, y: Tensor, *, epochs: float = 1.0,
+                 lr: float = 0.01, momentum: float = 0.9, batch: int = 64,
+                 generators: Optional[Sequence[torch.Generator]] = None, engine: str = "auto") -> Tensor:
+    """:func:`train_model` for K networks at once: θ_0 ``[K, P]`` → trained ``[K, P]``.
+
+    Network ``k`` follows exactly :func:`train_model`'s recipe with ``generators[k]`` (its own
+    shuffled minibatches, the same stream), so its result equals ``train_model(model, theta0s[k],
+    ..., generator=generators[k])`` up to float round-off; the K gradients of a step come from one
+    batched call (:func:`~fastdistill.models.batched.batched_engine`: LeNet's explicit engine, on
+    CPU the C++ step with one network per thread). Models without a batched form (any
+    ``nn.Module``) train one after another with :func:`train_model`.
+
+    Raises:
+        ShapeError: empty or mismatched training set, or θ_0 not ``[K, P]``, or a generator count
+            other than K; DivergenceError: some network's weights became non-finite.
+    """
+    _check_training_set(x, y)
+    if theta0s.dim() != 2 or theta0s.shape[1] != model.num_params:
+        raise ShapeError(f"θ_0 of K networks must be [K, {model.num_params}], got {list(theta0s.shape)}")
+    K = theta0s.shape[0]
+    gens = list(generators) if generators is not None else [None] * K
+    if len(gens) != K:
+        raise ShapeError(f"{K} networks need {K} generators, got {len(gens)}")
+    if not supports_batched(model):
+        return torch.stack([train_model(model, theta0s[k], x, y, epochs=epochs, lr=lr, momentum=momentum,
+                                        batch=batch, generator=gens[k]) for k in range(K)])
+    eng = batched_engine(model, engine)
+    dt = _train_dtype(theta0s)
+    th = theta0s.detach().clone().to(dt)
+    v = torch.zeros_like(th)
+    n, b = len(x), min(batch, len(x))
+    total = int(round(epochs * n / b))
+    perms = [torch.randperm(n, generator=g) for g in gens]
+    pos = 0   # every network reshuffles at the same steps (same n and b)
+    for _ in range(total):
+        if pos + b > n:
+            perms, pos = [torch.randperm(n, generator=g) for g in gens], 0
+        idx = torch.stack([p[pos:pos + b] for p in perms])          # [K, b]
+        pos += b
+        _, g = eng.loss_grad(th, x[idx].to(dt), y[idx])
+        v = momentum * v + g
+        th = th - lr * v
+    bad = [k for k in range(K) if not torch.isfinite(th[k]).all()]
+    if bad:
+        raise DivergenceError(f"pre-training diverged (non-finite weights in {len(bad)} of {K} networks) "
+                              f"at lr {lr}; lower it")
+    return th
+
+
 def pretrain_pool(model: FunctionalModel, train_x: Tensor, train_y: Tensor, n: int, *,
                   init: str = "xavier", epochs: float = 1.0, lr: float = 0.01, momentum: float = 0.9,
                   batch: int = 64, seed: int = 0, test_x: Optional[Tensor] = None,
                   test_y: Optional[Tensor] = None, meta: Optional[Dict[str, Any]] = None,
-                  progress: Optional[Callable[[int, float], None]] = None) -> ModelPool:
+                  progress: Optional[Callable[[int, float], None]] = None, group: int = 16,
+                  engine: str = "auto", partial=None) -> ModelPool:
     """Train ``n`` models from independent ``init`` draws (seeded) and return them as a pool.
 
     Args:
@@ -126,30 +188,95 @@ def pretrain_pool(model: FunctionalModel, train_x: Tensor, train_y: Tensor, n: i
         n: number of models.
         init, epochs, lr, momentum, batch: how each model is trained (:func:`train_model`).
         seed: model ``i`` uses ``Generator().manual_seed(seed + i)`` for its θ_0 and batch order,
-            so pools are reproducible and extendable.
+            so pools are reproducible and extendable, whatever ``group`` is.
         test_x, test_y: when given, every model's source test accuracy is stored in the metadata.
         meta: extra metadata (``dataset`` etc.) merged into the pool's.
         progress: ``progress(i, test_acc)`` after each model.
+        group: networks trained together (:func:`train_models`); 1 trains them one by one with
+            autograd (:func:`train_model`, the reference).
+        engine: the batched engine of :func:`train_models`.
+        partial: a file that holds the finished models, rewritten after every group; a run that
+            finds one with the same settings resumes after its last model (and removes it at the
+            end). A partial file of other settings is an error, never silently mixed in.
     """
     if n < 1:
         raise ConfigError(f"a pool needs at least one model, got n = {n}")
+    if group < 1:
+        raise ConfigError(f"group must be at least 1, got {group}")
+    settings = {"model": model.name, "P": int(model.num_params), "init": init, "epochs": epochs, "lr": lr,
+                "momentum": momentum, "batch": batch, "seed": seed, "n_train": int(len(train_x))}
     thetas, accs = [], []
+    partial = Path(partial) if partial is not None else None
+    if partial is not None and partial.exists():
+        thetas, accs = _load_partial(partial, settings, n)
     t0 = time.perf_counter()
-    for i in range(n):
-        g = torch.Generator().manual_seed(seed + i)
-        th = train_model(model, model.init(init, g), train_x, train_y, epochs=epochs, lr=lr,
-                         momentum=momentum, batch=batch, generator=g)
-        thetas.append(th)
-        acc = accuracy(model, th, test_x, test_y) if test_x is not None else float("nan")
-        accs.append(acc)
+    for i in range(len(accs)):
         if progress is not None:
-            progress(i, acc)
+            progress(i, accs[i])
+    while len(thetas) < n:
+        lo = len(thetas)
+        ids = range(lo, min(n, lo + group))
+        gens = [torch.Generator().manual_seed(seed + i) for i in ids]
+        th0 = torch.stack([model.init(init, g).float() for g in gens])
+        if group == 1:
+            done = train_model(model, th0[0], train_x, train_y, epochs=epochs, lr=lr, momentum=momentum,
+                               batch=batch, generator=gens[0]).unsqueeze(0)
+        else:
+            done = train_models(model, th0, train_x, train_y, epochs=epochs, lr=lr, momentum=momentum,
+                                batch=batch, generators=gens, engine=engine)
+        for k, i in enumerate(ids):
+            thetas.append(done[k])
+            acc = accuracy(model, done[k], test_x, test_y) if test_x is not None else float("nan")
+            accs.append(acc)
+            if progress is not None:
+                progress(i, acc)
+        if partial is not None and len(thetas) < n:
+            _save_partial(partial, settings, thetas, accs)
     info = {"model": model.name, "num_classes": int(getattr(model, "num_classes", model.num_outputs)),
             "in_channels": int(model.input_shape[0]), "image_size": int(model.input_shape[-1]),
             "n": n, "init": init, "epochs": epochs, "lr": lr, "momentum": momentum, "batch": batch,
             "seed": seed, "test_acc": accs, "wall_s": time.perf_counter() - t0}
     info.update(meta or {})
+    if partial is not None and partial.exists():
+        partial.unlink()
     return ModelPool(torch.stack(thetas).float(), info)
+
+
+_PARTIAL_FORMAT = "fastdistill.pool-partial/v1"
+
+
+def _save_partial(path: Path, settings: dict, thetas: List[Tensor], accs: List[float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"format": _PARTIAL_FORMAT, "settings": settings, "thetas": torch.stack(thetas).float(),
+                "test_acc": list(accs)}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_partial(path: Path, settings: dict, n: int) -> Tuple[List[Tensor], List[float]]:
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"partial pool {path} is unreadable ({type(e).__name__}: {e}); delete it to "
+                        "start over") from None
+    if not isinstance(s, dict) or s.get("format") != _PARTIAL_FORMAT:
+        raise DataError(f"{path} is not a partial pool file; delete it to start over")
+    if s.get("settings") != settings:
+        diff = sorted(k for k in settings if s.get("settings", {}).get(k) != settings[k])
+        raise ConfigError(f"partial pool {path} was trained with other settings ({', '.join(diff)}); "
+                          "delete it or pass the same settings")
+    th, accs = s["thetas"], list(s["test_acc"])
+    if th.dim() != 2 or th.shape[0] != len(accs) or not torch.isfinite(th).all():
+        raise DataError(f"partial pool {path} is malformed; delete it to start over")
+    if len(accs) > n:
+        raise ConfigError(f"partial pool {path} already holds {len(accs)} models, more than n = {n}")
+    return list(th.unbind(0)), accs
+
+
+def partial_path(pool_path) -> Path:
+    """Where :func:`pretrain_pool` keeps the finished models of an unfinished pool file."""
+    pool_path = Path(pool_path)
+    return pool_path.with_name(pool_path.name + ".partial")
 
 
 # -- storage ------------------------------------------------------------------------------------
@@ -242,15 +369,19 @@ def evaluation_inits(config, model: FunctionalModel, n: int, *, theta0: Optional
 
 def finetune_full(model: FunctionalModel, theta0s: Sequence[Tensor], train_x: Tensor, train_y: Tensor,
                   test_x: Tensor, test_y: Tensor, *, epochs: float = 1.0, lr: float = 0.01,
-                  momentum: float = 0.9, batch: int = 64, seed: int = 0) -> Dict[str, Any]:
+                  momentum: float = 0.9, batch: int = 64, seed: int = 0, group: int = 16) -> Dict[str, Any]:
     """The "train on the full target dataset" reference: fine-tune every θ_0 with SGD on the
-    whole target training set; returns test accuracies before/after with mean ± std."""
+    whole target training set (``group`` networks at a time, :func:`train_models`; model ``i``'s
+    batches from seed ``seed + i``); returns test accuracies before/after with mean ± std."""
     before, after = [], []
-    for i, th0 in enumerate(theta0s):
-        before.append(accuracy(model, th0, test_x, test_y))
-        th = train_model(model, th0, train_x, train_y, epochs=epochs, lr=lr, momentum=momentum,
-                         batch=batch, generator=torch.Generator().manual_seed(seed + i))
-        after.append(accuracy(model, th, test_x, test_y))
+    for lo in range(0, len(theta0s), group):
+        chunk = [th0.float() for th0 in theta0s[lo:lo + group]]
+        gens = [torch.Generator().manual_seed(seed + lo + k) for k in range(len(chunk))]
+        done = train_models(model, torch.stack(chunk), train_x, train_y, epochs=epochs, lr=lr,
+                            momentum=momentum, batch=batch, generators=gens)
+        for th0, th in zip(chunk, done):
+            before.append(accuracy(model, th0, test_x, test_y))
+            after.append(accuracy(model, th, test_x, test_y))
     sd = lambda v: statistics.pstdev(v) if len(v) > 1 else 0.0  # noqa: E731
     return {"before": before, "after": after, "n_models": len(after),
             "acc_before_mean": statistics.fmean(before), "acc_before_std": sd(before),
@@ -263,7 +394,9 @@ def add_pretrain_command(sub, common) -> None:
     p = sub.add_parser("pretrain", parents=[common], help="train a pool of models on a source dataset",
                        description="Train N networks (independent Xavier draws, minibatch SGD) on a "
                                    "dataset and store them as one pool file for the fixed-/random-"
-                                   "pretrained distillation modes (--mode random-pretrained --pool FILE).")
+                                   "pretrained distillation modes (--mode random-pretrained --pool FILE). "
+                                   "An interrupted run keeps its finished models in FILE.partial and "
+                                   "resumes from them when run again with the same arguments.")
     p.add_argument("dataset", help="source dataset (e.g. mnist, fashion-mnist)")
     p.add_argument("--out", required=True, metavar="FILE", help="pool file to write (e.g. pools/mnist.pt)")
     p.add_argument("--n", type=int, default=20, metavar="N", help="number of models (paper: 2000 + 200 held out)")
@@ -275,6 +408,9 @@ def add_pretrain_command(sub, common) -> None:
     p.add_argument("--batch", type=int, default=64, metavar="N", help="minibatch size")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="model i uses seed + i")
     p.add_argument("--data-root", metavar="DIR", help="folder with the dataset files")
+    p.add_argument("--group", type=int, default=16, metavar="N",
+                   help="networks trained together in one batched computation (default 16; 1: one "
+                        "at a time with autograd, the reference)")
     p.add_argument("--threads", type=int, default=0, metavar="N", help="torch threads (0: leave as is)")
     p.set_defaults(func=_cmd_pretrain)
 
@@ -295,7 +431,8 @@ def _cmd_pretrain(args) -> int:
 
     pool = pretrain_pool(model, ds.train_x, ds.train_y, args.n, init=args.init, epochs=args.epochs,
                          lr=args.lr, momentum=args.momentum, batch=args.batch, seed=args.seed,
-                         test_x=ds.test_x, test_y=ds.test_y, meta={"dataset": ds.info.name}, progress=say)
+                         test_x=ds.test_x, test_y=ds.test_y, meta={"dataset": ds.info.name}, progress=say,
+                         group=args.group, partial=partial_path(args.out))
     save_pool(pool, args.out)
     accs = pool.meta["test_acc"]
     sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0

@@ -8,7 +8,7 @@ from fastdistill.errors import ConfigError, DataError, ShapeError
 from fastdistill.evaluate import accuracy
 from fastdistill.models import ModuleModel
 from fastdistill.pretrain import (ModelPool, evaluation_inits, finetune_full, load_pool, pool_initialisers,
-                                  pretrain_pool, save_pool, train_model)
+                                  pretrain_pool, save_pool, train_model, train_models)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -162,3 +162,91 @@ def test_pretrain_command_writes_a_loadable_pool(tmp_path, monkeypatch, capsys):
     assert "pool of 2 lenet models" in capsys.readouterr().out
     assert main(["pretrain", "mnist", "--n", "0", "--out", str(out)]) == 2
     assert "at least one model" in capsys.readouterr().err
+
+
+def _lenet_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    return torch.randn(n, 1, 28, 28, generator=g) + y.view(-1, 1, 1, 1) / 3, y
+
+
+def test_train_models_equals_train_model_for_every_network():
+    from fastdistill.models import build_model
+    m = build_model("lenet", 10, 1, 28)
+    x, y = _lenet_data()
+    # float64: float32 SGD is chaotic (one ReLU or pool decision flipped by round-off, and the
+    # trajectories part by ~1e-5 within a few steps), so the exact comparison runs in float64
+    th0 = torch.stack([m.init("xavier", torch.Generator().manual_seed(s)) for s in range(3)]).double()
+    gens = lambda: [torch.Generator().manual_seed(100 + k) for k in range(3)]  # noqa: E731
+    # 1.5 epochs of batch 32 = 4-5 steps, so the loop reshuffles once in the middle
+    many = train_models(m, th0, x, y, epochs=1.5, lr=0.05, momentum=0.9, batch=32, generators=gens())
+    assert many.dtype == torch.float64
+    for k, g in enumerate(gens()):
+        one = train_model(m, th0[k], x, y, epochs=1.5, lr=0.05, momentum=0.9, batch=32, generator=g)
+        assert (one - th0[k]).abs().max() > 1e-2          # it really trained
+        torch.testing.assert_close(many[k], one, rtol=1e-10, atol=1e-12)
+    f32 = train_models(m, th0.float(), x, y, epochs=1.5, lr=0.05, momentum=0.9, batch=32, generators=gens())
+    assert f32.dtype == torch.float32
+    torch.testing.assert_close(f32.double(), many, rtol=1e-3, atol=1e-4)
+    # each network has its own batch order: the same θ_0 with two generators ends elsewhere
+    twin = train_models(m, th0[:1].repeat(2, 1), x, y, epochs=1.5, lr=0.05, batch=32, generators=gens()[:2])
+    # (a batch-order mistake moves θ by ~1e-2, far beyond the float32 tolerance above)
+    assert (twin[0] - twin[1]).abs().max() > 1e-4
+    with pytest.raises(ShapeError, match="3 networks need 3 generators"):
+        train_models(m, th0, x, y, generators=gens()[:2])
+    with pytest.raises(ShapeError, match=r"must be \[K, "):
+        train_models(m, th0[0], x, y)
+    with pytest.raises(ShapeError, match="non-empty"):
+        train_models(m, th0, x[:0], y[:0])
+
+
+def test_train_models_without_a_batched_form_trains_one_by_one(pool):
+    m = tiny_model()
+    x, y = blobs(seed=3, shift=1.5)
+    gens = lambda: [torch.Generator().manual_seed(7 + k) for k in range(2)]  # noqa: E731
+    many = train_models(m, pool.thetas[:2], x, y, epochs=2, lr=0.1, batch=16, generators=gens())
+    for k, g in enumerate(gens()):
+        assert torch.equal(many[k], train_model(m, pool.thetas[k], x, y, epochs=2, lr=0.1, batch=16, generator=g))
+
+
+def test_lenet_pool_in_groups_matches_the_one_by_one_reference():
+    from fastdistill.models import build_model
+    m = build_model("lenet", 10, 1, 28)
+    x, y = _lenet_data(64)
+    kw = dict(epochs=1, lr=0.02, batch=16, seed=5)
+    ref = pretrain_pool(m, x, y, 3, group=1, **kw)
+    grouped = pretrain_pool(m, x, y, 3, group=2, **kw)
+    # float32: equal up to round-off grown over 4 chaotic steps (a wrong batch order: ~1e-2)
+    torch.testing.assert_close(grouped.thetas, ref.thetas, rtol=1e-3, atol=1e-4)
+    assert (grouped.thetas - ref.thetas).abs().max() < 1e-4 < (ref.thetas[0] - ref.thetas[1]).abs().max()
+
+
+def test_interrupted_pool_resumes_from_its_partial_file(tmp_path):
+    from fastdistill.pretrain import partial_path
+    m = tiny_model()
+    x, y = blobs()
+    kw = dict(epochs=2, lr=0.1, batch=16, seed=3, group=2)
+    whole = pretrain_pool(m, x, y, 5, **kw)
+    part = partial_path(tmp_path / "pool.pt")
+    assert part.name == "pool.pt.partial"
+    seen = []
+
+    def stop_at_third(i, acc):
+        seen.append(i)
+        if i == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_pool(m, x, y, 5, partial=part, progress=stop_at_third, **kw)
+    assert part.exists() and seen == [0, 1, 2]
+    with pytest.raises(ConfigError, match="other settings .*lr"):
+        pretrain_pool(m, x, y, 5, partial=part, **dict(kw, lr=0.2))
+    resumed_from = []
+    again = pretrain_pool(m, x, y, 5, partial=part, progress=lambda i, a: resumed_from.append(i), **kw)
+    assert resumed_from == [0, 1, 2, 3, 4]      # the first two are reported from the file
+    assert torch.equal(again.thetas, whole.thetas) and not part.exists()
+    part.write_bytes(b"junk")
+    with pytest.raises(DataError, match="partial pool .* unreadable"):
+        pretrain_pool(m, x, y, 5, partial=part, **kw)
+    with pytest.raises(ConfigError, match="group must be at least 1"):
+        pretrain_pool(m, x, y, 5, group=0)
