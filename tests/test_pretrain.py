@@ -250,3 +250,29 @@ def test_interrupted_pool_resumes_from_its_partial_file(tmp_path):
         pretrain_pool(m, x, y, 5, partial=part, **kw)
     with pytest.raises(ConfigError, match="group must be at least 1"):
         pretrain_pool(m, x, y, 5, group=0)
+
+
+def test_pretrain_command_resumes_and_refuses_a_foreign_partial_file(tmp_path, monkeypatch, capsys):
+    import fastdistill.data as data
+    from fastdistill.cli import main
+    from fastdistill.pretrain import partial_path
+    monkeypatch.setattr(data, "load_dataset", lambda name, root=None: _tiny_mnist_like())
+    out = tmp_path / "m.pt"
+    args = ["pretrain", "mnist", "--n", "3", "--epochs", "0.5", "--batch", "20", "--group", "2", "--out", str(out)]
+    # an interrupted run's file: the first two models of the same settings, then a foreign one
+    from fastdistill.models import build_model
+    from fastdistill.pretrain import _save_partial
+    model = build_model("lenet", 10, 1, 28)
+    ds = _tiny_mnist_like()
+    first = pretrain_pool(model, ds.train_x, ds.train_y, 2, epochs=0.5, batch=20, group=2)
+    settings = {"model": "lenet", "P": model.num_params, "init": "xavier", "epochs": 0.5, "lr": 0.01,
+                "momentum": 0.9, "batch": 20, "seed": 0, "n_train": len(ds.train_x)}
+    _save_partial(partial_path(out), settings, list(first.thetas), [0.5, 0.5])
+    assert main(args) == 0
+    pool = load_pool(out)
+    assert len(pool) == 3 and torch.equal(pool.thetas[:2], first.thetas) and not partial_path(out).exists()
+    assert "model 1/3" in capsys.readouterr().err
+    _save_partial(partial_path(out), dict(settings, lr=0.5), list(first.thetas), [0.5, 0.5])
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "other settings (lr)" in err and "Traceback" not in err
