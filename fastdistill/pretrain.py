@@ -36,7 +36,8 @@ from .models import FunctionalModel, build_model
 from .models.batched import batched_engine, supports_batched
 
 __all__ = ["POOL_FORMAT", "ModelPool", "train_model", "train_models", "pretrain_pool", "partial_path",
-           "save_pool", "load_pool", "pool_initialisers", "evaluation_inits", "finetune_full"]
+           "save_pool", "save_pool_and_drop_partial", "load_pool", "pool_initialisers", "evaluation_inits",
+           "finetune_full"]
 
 POOL_FORMAT = "fastdistill.pool/v1"
 
@@ -195,9 +196,10 @@ def pretrain_pool(model: FunctionalModel, train_x: Tensor, train_y: Tensor, n: i
         group: networks trained together (:func:`train_models`); 1 trains them one by one with
             autograd (:func:`train_model`, the reference).
         engine: the batched engine of :func:`train_models`.
-        partial: a file that holds the finished models, rewritten after every group; a run that
-            finds one with the same settings resumes after its last model (and removes it at the
-            end). A partial file of other settings is an error, never silently mixed in.
+        partial: a file that holds the finished models, rewritten after every group (the last
+            time with all ``n``); a run that finds one with the same settings resumes after its
+            last model. A partial file of other settings is an error, never silently mixed in.
+            The caller removes it once the pool is saved (:func:`save_pool_and_drop_partial`).
     """
     if n < 1:
         raise ConfigError(f"a pool needs at least one model, got n = {n}")
@@ -230,15 +232,13 @@ def pretrain_pool(model: FunctionalModel, train_x: Tensor, train_y: Tensor, n: i
             accs.append(acc)
             if progress is not None:
                 progress(i, acc)
-        if partial is not None and len(thetas) < n:
+        if partial is not None:
             _save_partial(partial, settings, thetas, accs)
     info = {"model": model.name, "num_classes": int(getattr(model, "num_classes", model.num_outputs)),
             "in_channels": int(model.input_shape[0]), "image_size": int(model.input_shape[-1]),
             "n": n, "init": init, "epochs": epochs, "lr": lr, "momentum": momentum, "batch": batch,
             "seed": seed, "test_acc": accs, "wall_s": time.perf_counter() - t0}
     info.update(meta or {})
-    if partial is not None and partial.exists():
-        partial.unlink()
     return ModelPool(torch.stack(thetas).float(), info)
 
 
@@ -277,6 +277,13 @@ def partial_path(pool_path) -> Path:
     """Where :func:`pretrain_pool` keeps the finished models of an unfinished pool file."""
     pool_path = Path(pool_path)
     return pool_path.with_name(pool_path.name + ".partial")
+
+
+def save_pool_and_drop_partial(pool: ModelPool, path) -> None:
+    """:func:`save_pool` to ``path``, then remove its :func:`partial_path` file (only then: a crash
+    while saving leaves the finished models in the partial file)."""
+    save_pool(pool, path)
+    partial_path(path).unlink(missing_ok=True)
 
 
 # -- storage ------------------------------------------------------------------------------------
@@ -433,7 +440,7 @@ def _cmd_pretrain(args) -> int:
                          lr=args.lr, momentum=args.momentum, batch=args.batch, seed=args.seed,
                          test_x=ds.test_x, test_y=ds.test_y, meta={"dataset": ds.info.name}, progress=say,
                          group=args.group, partial=partial_path(args.out))
-    save_pool(pool, args.out)
+    save_pool_and_drop_partial(pool, args.out)
     accs = pool.meta["test_acc"]
     sd = statistics.pstdev(accs) if len(accs) > 1 else 0.0
     print(f"pool of {len(pool)} {model.name} models on {ds.info.name}: test accuracy "

@@ -43,7 +43,7 @@ from .evaluate import accuracy, evaluate_distilled, heldout_inits
 from .models import build_model
 from .poison import best_poison_baseline, evaluate_attack, relabel
 from .pretrain import (evaluation_inits, finetune_full, load_pool, partial_path, pretrain_pool,
-                       save_pool)
+                       save_pool_and_drop_partial)
 
 __all__ = ["Setting", "SETTINGS", "SCALES", "run_setting", "render_table", "main"]
 
@@ -239,7 +239,7 @@ def _run_pool(ctx: Context, s: Setting) -> Dict[str, Any]:
                          meta={"dataset": ds.info.name},
                          progress=lambda i, a: ctx.say(f"  pool model {i + 1}/{sc['pool_n']}: {100 * a:.2f}%"),
                          partial=partial_path(ctx.pool_file(s.key)))
-    save_pool(pool, ctx.pool_file(s.key))
+    save_pool_and_drop_partial(pool, ctx.pool_file(s.key))
     mean, std = _ms(pool.meta["test_acc"])
     return dict(mean=mean, std=std, n_models=len(pool), protocol=(
         f"{len(pool)} LeNets, SGD lr 0.01 momentum 0.9 batch 64, {sc['pool_epochs']} epoch(s); source test "

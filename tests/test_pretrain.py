@@ -221,7 +221,7 @@ def test_lenet_pool_in_groups_matches_the_one_by_one_reference():
     assert (grouped.thetas - ref.thetas).abs().max() < 1e-4 < (ref.thetas[0] - ref.thetas[1]).abs().max()
 
 
-def test_interrupted_pool_resumes_from_its_partial_file(tmp_path):
+def test_interrupted_pool_resumes_from_its_partial_file(tmp_path, monkeypatch):
     from fastdistill.pretrain import partial_path
     m = tiny_model()
     x, y = blobs()
@@ -244,7 +244,15 @@ def test_interrupted_pool_resumes_from_its_partial_file(tmp_path):
     resumed_from = []
     again = pretrain_pool(m, x, y, 5, partial=part, progress=lambda i, a: resumed_from.append(i), **kw)
     assert resumed_from == [0, 1, 2, 3, 4]      # the first two are reported from the file
-    assert torch.equal(again.thetas, whole.thetas) and not part.exists()
+    assert torch.equal(again.thetas, whole.thetas) and part.exists()   # kept until the pool is saved
+    # a crash before the pool file was written: the complete partial file gives the pool back
+    # without training (a training run would need θ_0 draws: forbid them)
+    monkeypatch.setattr(type(m), "init", lambda *a, **k: pytest.fail("retrained a finished model"))
+    assert torch.equal(pretrain_pool(m, x, y, 5, partial=part, **kw).thetas, whole.thetas)
+    monkeypatch.undo()
+    from fastdistill.pretrain import save_pool_and_drop_partial
+    save_pool_and_drop_partial(again, tmp_path / "pool.pt")
+    assert not part.exists() and torch.equal(load_pool(tmp_path / "pool.pt").thetas, whole.thetas)
     part.write_bytes(b"junk")
     with pytest.raises(DataError, match="partial pool .* unreadable"):
         pretrain_pool(m, x, y, 5, partial=part, **kw)
