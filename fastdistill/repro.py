@@ -12,13 +12,17 @@ Scales:
   2000 + 200 pool models. One deviation, stated in the protocol column: the baselines' best
   lr × epochs is chosen on 20 separate selection models and the first 2 sets instead of on the
   200 reported models (the paper's own choice costs ~40 h per baseline on this machine).
+* ``small`` — the paper's protocol with fewer models and a shorter outer schedule, for what a
+  session of this CPU can finish: pools of 240 models (200 to distil, 40 held out), 40 held-out
+  models, 4,000 meta-iterations with StepLR ×0.5 every 17.07 epochs (four halvings); sets, the
+  selection protocol and the full test set as at paper scale. Labelled "small" in the table.
 * ``reduced`` — the same code paths with few models, sets and iterations, to validate the
   machinery; its numbers are labelled "reduced" and are not the paper's protocol.
 
 Command line::
 
     python -m fastdistill.repro list                       # settings, dependencies, expected wall
-    python -m fastdistill.repro run KEY ... [--scale reduced] [--results DIR]
+    python -m fastdistill.repro run KEY ... [--scale small|reduced] [--results DIR]
     python -m fastdistill.repro table [--results DIR] [--out FILE]
 """
 from __future__ import annotations
@@ -51,11 +55,15 @@ DEFAULT_RESULTS = "runs/repro"
 
 #: what every scale changes; everything else is fixed by the setting
 SCALES: Dict[str, Dict[str, Any]] = {
-    "paper": dict(iterations=None, eval_models=200, sets=10, select_models=20, select_sets=2,
+    "paper": dict(iterations=None, decay_epochs=None, eval_models=200, sets=10, select_models=20, select_sets=2,
                   select_test=None, report_test=None, n_nets=4, pool_n=2200, pool_heldout=200, pool_epochs=1.0,
                   opt_candidates=50, opt_keep=10, opt_score_models=20, finetune_models=20,
                   finetune_epochs=1.0),
-    "reduced": dict(iterations=20, eval_models=3, sets=2, select_models=2, select_sets=1,
+    "small": dict(iterations=4000, decay_epochs=17.07, eval_models=40, sets=10, select_models=20,
+                  select_sets=2, select_test=None, report_test=None, n_nets=4, pool_n=240, pool_heldout=40,
+                  pool_epochs=1.0, opt_candidates=50, opt_keep=10, opt_score_models=20, finetune_models=20,
+                  finetune_epochs=1.0),
+    "reduced": dict(iterations=20, decay_epochs=None, eval_models=3, sets=2, select_models=2, select_sets=1,
                     select_test=1000, report_test=2000, n_nets=2, pool_n=6, pool_heldout=3,
                     pool_epochs=0.05, opt_candidates=4, opt_keep=2, opt_score_models=2,
                     finetune_models=2, finetune_epochs=0.05),
@@ -258,6 +266,8 @@ def _run_distill(ctx: Context, s: Setting) -> Dict[str, Any]:
     sc = ctx.sc
     kw = dict(p, dataset=ds.info.name, iterations=sc["iterations"], eval_models=sc["eval_models"],
               seed=ctx.seed, checkpoint_every=200)
+    if sc["decay_epochs"] is not None:
+        kw["decay_epochs"] = sc["decay_epochs"]
     if kw.get("mode", "fixed") in ("random", "random-pretrained"):
         kw["n_nets"] = sc["n_nets"]
     if pool_from:
@@ -280,7 +290,9 @@ def _run_distill(ctx: Context, s: Setting) -> Dict[str, Any]:
                ctx.path(s.key, "pt"))
     thetas = evaluation_inits(cfg, m, sc["eval_models"], theta0=r.theta0)
     tx, ty, sub = ctx.test(ds)
-    iters = f"{d.iterations} iterations" + ("" if sc["iterations"] is None else " (reduced)")
+    iters = f"{d.iterations} iterations" + ("" if sc["iterations"] is None else f" ({ctx.scale} scale)")
+    if sc["decay_epochs"] is not None:
+        iters += f", StepLR every {cfg.decay_epochs:g} epochs"
     if cfg.objective == "poison":
         K, T = cfg.attack_class, cfg.target_class
         rep = evaluate_attack(m, r.data, r.labels, r.lrs, tx, ty, thetas, K, T).summary()

@@ -3,6 +3,8 @@
 # runs on the data available here, next to the paper's number.
 #
 #   bash scripts/reproduce.sh                  # everything, paper scale (days on a 2-core CPU)
+#   SCALE=small bash scripts/reproduce.sh      # paper protocol, 240-model pools, 40 held-out models,
+#                                              # 4,000 iterations with four StepLR halvings
 #   SCALE=reduced bash scripts/reproduce.sh    # same code paths, few models: validates the machinery
 #   ONLY="mnist-knn-random mnist-average" bash scripts/reproduce.sh
 #

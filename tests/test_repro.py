@@ -1,0 +1,49 @@
+"""The reproduction harness (fastdistill.repro) end to end on tiny MNIST-format files."""
+import pytest
+import torch
+
+from fastdistill import repro
+from fastdistill.data import load_dataset
+
+
+def test_every_scale_sets_the_same_knobs():
+    keys = set(repro.SCALES["paper"])
+    assert all(set(sc) == keys for sc in repro.SCALES.values())
+
+
+@pytest.fixture
+def small_ctx(tmp_path, root, monkeypatch):
+    """The ``small`` scale shrunk further to seconds (its decay period is kept)."""
+    tiny = dict(repro.SCALES["small"], iterations=4, eval_models=2, sets=2, select_models=2, select_sets=1,
+                pool_n=5, pool_heldout=2, pool_epochs=0.5)
+    monkeypatch.setitem(repro.SCALES, "small", tiny)
+    said = []
+    ctx = repro.Context(tmp_path, "small", progress=said.append)
+    ctx._data["mnist"] = load_dataset("mnist", root)
+    return ctx, said
+
+
+def test_small_scale_attack_trains_its_pool_first_and_uses_the_short_schedule(small_ctx):
+    ctx, said = small_ctx
+    rec = repro.run_setting(ctx, "attack-dd")
+    pool = ctx.result("pool-mnist")                      # the dependency ran first, at this scale
+    assert pool["scale"] == "small" and pool["n_models"] == 5
+    assert said.index("[pool-mnist] LeNet pool on MNIST (1 epoch SGD each); source test accuracy (small scale)") \
+        < said.index("[attack-dd] DD poisoning, 10 images, 1 GD step, random pre-trained (small scale)")
+    cfg = torch.load(ctx.path("attack-dd", "pt"), weights_only=False)["config"]
+    assert (cfg["decay_epochs"], cfg["iterations"], cfg["pool_heldout"], cfg["n_nets"]) == (17.07, 4, 2, 4)
+    assert rec["scale"] == "small" and rec["n_models"] == 2          # the held-out pool models
+    assert "4 iterations (small scale), StepLR every 17.07 epochs" in rec["protocol"]
+    assert 0.0 <= rec["k_to_t"] <= 1.0 and 0.0 <= rec["mean"] <= 1.0
+    # a second call finds the record of this scale and does not run again
+    said.clear()
+    assert repro.run_setting(ctx, "attack-dd") == rec and said == []
+
+
+def test_paper_and_reduced_scales_keep_the_settings_own_decay(tmp_path, root):
+    ctx = repro.Context(tmp_path, "reduced", progress=lambda m: None)
+    ctx._data["mnist"] = load_dataset("mnist", root)
+    rec = repro.run_setting(ctx, "mnist-sldd-fixed-10")
+    cfg = torch.load(ctx.path("mnist-sldd-fixed-10", "pt"), weights_only=False)["config"]
+    assert cfg["decay_epochs"] == 40.0 and cfg["iterations"] == 20
+    assert "StepLR" not in rec["protocol"] and "20 iterations (reduced scale)" in rec["protocol"]
