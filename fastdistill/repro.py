@@ -328,6 +328,8 @@ def _baseline_sets(ctx: Context, ds, method: str, per_class: int, steps: int, n_
     if method == "random":
         return [B.random_real(x, y, C, per_class, steps, g) for _ in range(n_sets)]
     if method == "kmeans":
+        if per_class == 1:   # one centroid per class is the class mean whatever the draw: one set
+            return [B.kmeans_real(x, y, C, 1, steps, g)]
         return [B.kmeans_real(x, y, C, per_class, steps, g) for _ in range(n_sets)]
     if method == "average":
         return [B.average_real(x, y, C, steps)]

@@ -47,3 +47,12 @@ def test_paper_and_reduced_scales_keep_the_settings_own_decay(tmp_path, root):
     cfg = torch.load(ctx.path("mnist-sldd-fixed-10", "pt"), weights_only=False)["config"]
     assert cfg["decay_epochs"] == 40.0 and cfg["iterations"] == 20
     assert "StepLR" not in rec["protocol"] and "20 iterations (reduced scale)" in rec["protocol"]
+
+
+def test_one_centroid_per_class_is_one_set_the_class_means(tmp_path, root):
+    ctx = repro.Context(tmp_path, "reduced", progress=lambda m: None)
+    ds = load_dataset("mnist", root)
+    (km, kl), = repro._baseline_sets(ctx, ds, "kmeans", 1, 1, 5)     # not five copies of it
+    (av, al), = repro._baseline_sets(ctx, ds, "average", 1, 1, 5)
+    assert torch.allclose(km, av, atol=1e-5) and torch.equal(kl, al)
+    assert len(repro._baseline_sets(ctx, ds, "kmeans", 2, 1, 3)) == 3   # k ≥ 2: draws differ
