@@ -28,7 +28,8 @@ Before timing, every implementation's ``(g, H λ, ∇_x̃)`` is compared with th
 float32 tolerance (an implementation that disagrees fails instead of being timed). Reported per
 network-step, with network-steps per second and TFLOP/s over the reference's FLOPs
 (``FlopCounterMode``), against the card's float32 (non-tensor-core) datasheet peak where the
-card is in ``PEAK_FP32`` (TF32 is off: ``torch.backends.cuda.matmul.allow_tf32`` stays False).
+card is in ``PEAK_FP32`` (TF32 is off: ``torch.backends.cuda.matmul.allow_tf32`` and
+``torch.backends.cudnn.allow_tf32``, which defaults to True, are set False for the module).
 
 Knobs: ``FASTDISTILL_BENCH_K`` (default ``1,4,16,64,256``), ``FASTDISTILL_BENCH_IMPLS`` (default
 all four), ``FASTDISTILL_BENCH_DEVICE`` (default ``cuda``; ``cpu`` runs the same suite on the CPU,
@@ -76,11 +77,14 @@ if DEVICE.type == "cuda" and not torch.cuda.is_available() and __name__ != "__ma
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get("FASTDISTILL_BENCH_THREADS", str(before))))
+def _threads_and_precision():
+    before = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.set_num_threads(int(os.environ.get("FASTDISTILL_BENCH_THREADS", str(before[0]))))
+    # full float32 everywhere: cuDNN convolutions default to TF32 (10-bit mantissa), matmuls not
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(before[0])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1:]
 
 
 def _sync():

@@ -129,6 +129,11 @@ def has_kernel(qualname: str, dispatch_key: str) -> bool:
 
 
 def _triton_module() -> Tuple[Optional[Any], str]:
+    """``(triton, status)``, or ``(None, why not)``: triton itself, and fastdistill's kernels.
+
+    The kernels live in ``kernels/`` and are installed as ``fastdistill._kernels`` (setup.py's
+    ``package_dir``); a checkout run without being installed has triton but not them.
+    """
     if not _TRITON:
         try:
             _TRITON["module"] = importlib.import_module("triton")
@@ -136,6 +141,15 @@ def _triton_module() -> Tuple[Optional[Any], str]:
         except Exception as exc:  # noqa: BLE001
             _TRITON["module"] = None
             _TRITON["status"] = f"triton not importable ({type(exc).__name__}: {exc})"
+        else:
+            try:
+                importlib.import_module("fastdistill._kernels")
+            except ImportError as exc:
+                _TRITON["module"] = None
+                _TRITON["status"] = (
+                    f"{_TRITON['status']} is importable but fastdistill's Triton kernels are not "
+                    f"({type(exc).__name__}: {exc}): they are installed from kernels/ as "
+                    "fastdistill._kernels; install the checkout (`pip install --no-build-isolation -e .`)")
     return _TRITON["module"], _TRITON["status"]
 
 

@@ -1,4 +1,6 @@
 """The backend registry: auto order, forcing, loud failures, records."""
+import sys
+
 import pytest
 import torch
 
@@ -55,6 +57,27 @@ def test_auto_never_picks_the_triton_interpreter(toy_op, monkeypatch):
     # ... but it can be forced explicitly (the tests of every Triton kernel do this)
     if _backend._triton_module()[0] is not None:
         assert resolve(toy_op, "cpu", "triton")[0] == "triton"
+
+
+def test_triton_without_the_installed_kernels_is_unavailable_and_says_how_to_fix(toy_op, monkeypatch):
+    """An uninstalled checkout has triton but no fastdistill._kernels (kernels/ is mapped there
+    by setup.py): the triton backend is then unavailable with that reason, not a ModuleNotFoundError
+    at the first launch."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(_backend, "_TRITON", {})
+    monkeypatch.setitem(sys.modules, "fastdistill._kernels", None)   # import raises ImportError
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backend.clear_cache()
+    try:
+        mod, status = _backend._triton_module()
+        assert mod is None and "fastdistill._kernels" in status and "pip install" in status
+        with pytest.raises(BackendUnavailableError, match="fastdistill._kernels"):
+            resolve(toy_op, "cpu", "triton")
+    finally:
+        _backend.clear_cache()
+    monkeypatch.undo()
+    _backend._TRITON.clear()
+    assert _backend._triton_module()[0] is not None   # installed here: the kernels import
 
 
 def test_forced_backend_wins_and_is_recorded(toy_op):
