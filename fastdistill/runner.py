@@ -469,7 +469,16 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
             kept = _checkpoint_iteration(ckpt)
             where = (f"the last good checkpoint (iteration {kept}) is kept at {ckpt}" if kept is not None
                      else f"no checkpoint was written before it (checkpoint_every={cfg.checkpoint_every})")
-            raise DivergenceError(f"{e}; {where}. try a smaller lr0 or outer_lr, a larger max_lr, or another seed") from None
+            if best:
+                where += (f"; the best iterate by validation so far (iteration {best['iteration']}, "
+                          f"{100 * best['val_acc']:.2f}%) is kept at {out / BEST_FILE} (fastdistill "
+                          "evaluate takes it)")
+            # max_lr only bounds the learned rates; a non-finite θ_T or gradient is not its doing
+            tries = "a smaller lr0 or outer_lr, an earlier outer-lr decay (decay_epochs)"
+            if "max_lr" in str(e):
+                tries += ", a larger max_lr"
+            raise DivergenceError(f"{e}; {where}. A fresh run may avoid it: try {tries}, or another "
+                                  "seed") from None
         finally:
             if bar is not None:
                 bar.close()

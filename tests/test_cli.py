@@ -249,14 +249,22 @@ def test_divergence_exits_1_and_keeps_the_last_good_checkpoint(root, tmp_path, c
                        "--iterations", 10, "--checkpoint-every", 1))
     assert rc == 1
     line = one_error_line(capsys.readouterr().err)
-    assert "exploded" in line and "last good checkpoint" in line
+    assert "exploded" in line and "last good checkpoint" in line and "larger max_lr" in line
     ck = read_checkpoint(out / "checkpoint.pt")  # loadable, and a good state
     assert 1 <= ck["iteration"] < 10
     assert float(torch.nn.functional.softplus(ck["raw_lrs"]).max()) <= 0.002
     assert torch.isfinite(ck["data"]).all() and not (out / "distilled.pt").exists()
     # diverging at once: the inner loop overflows, no checkpoint to keep
     assert cli.main(base(root, tmp_path / "div2", "--lr0", 1e6, "--iterations", 3)) == 1
-    assert "not finite" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert "not finite" in line and "decay_epochs" in line and "max_lr" not in line
+    # with model selection on, the best iterate so far survives and the message says where
+    out3 = tmp_path / "div3"
+    assert cli.main(base(root, out3, "--lr0", 0.001, "--outer-lr", 0.5, "--max-lr", 0.002,
+                         "--iterations", 10, "--val-size", 20, "--eval-every", 1)) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]   # after the periodic line
+    assert line.startswith("fastdistill: error: ") and "best iterate by validation" in line and str(out3 / "best.pt") in line
+    assert load_distilled(out3 / "best.pt").data.isfinite().all()
 
 
 def test_real_process_exit_status_and_no_traceback(tmp_path):
