@@ -415,7 +415,8 @@ class Distiller:
             raise DivergenceError(f"the synthetic data became non-finite at iteration {self.iteration}")
         if not torch.isfinite(new_lrs).all() or new_lrs.max() > c.max_lr:
             raise DivergenceError(f"a learned learning rate exploded (max {float(new_lrs.max()):.4g} > "
-                                  f"max_lr {c.max_lr}) at iteration {self.iteration}")
+                                  f"max_lr {c.max_lr}) at iteration {self.iteration}",
+                                  above_max_lr=bool(torch.isfinite(new_lrs).all()))
         return {"iteration": self.iteration, "loss": sum(losses) / len(losses),
                 "lr_mean": float(new_lrs.mean()), "outer_lr": self.sched.get_last_lr()[0],
                 "engine_bytes": kept["stored"], "info_buffer_bytes": kept["info"]}

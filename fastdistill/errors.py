@@ -25,7 +25,15 @@ class ShapeError(FastDistillError, ValueError):
 
 
 class DivergenceError(FastDistillError, FloatingPointError):
-    """The outer loss, a gradient or a learning rate became NaN/inf or exploded."""
+    """The outer loss, a gradient or a learning rate became NaN/inf or exploded.
+
+    ``above_max_lr`` is True where a learned rate passed the ``max_lr`` bound (raising the bound
+    is then one remedy), False for a NaN/inf.
+    """
+
+    def __init__(self, message: str, *, above_max_lr: bool = False):
+        super().__init__(message)
+        self.above_max_lr = above_max_lr
 
 
 class BackendUnavailableError(FastDistillError, RuntimeError):

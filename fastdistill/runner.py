@@ -473,12 +473,11 @@ def run_distillation(config: Optional[DistillConfig] = None, out: Union[str, Pat
                 where += (f"; the best iterate by validation so far (iteration {best['iteration']}, "
                           f"{100 * best['val_acc']:.2f}%) is kept at {out / BEST_FILE} (fastdistill "
                           "evaluate takes it)")
-            # max_lr only bounds the learned rates; a non-finite θ_T or gradient is not its doing
             tries = "a smaller lr0 or outer_lr, an earlier outer-lr decay (decay_epochs)"
-            if "max_lr" in str(e):
+            if e.above_max_lr:
                 tries += ", a larger max_lr"
             raise DivergenceError(f"{e}; {where}. A fresh run may avoid it: try {tries}, or another "
-                                  "seed") from None
+                                  "seed", above_max_lr=e.above_max_lr) from None
         finally:
             if bar is not None:
                 bar.close()

@@ -49,7 +49,7 @@ cuda_tests() {
   for f in $("$PY" -m pytest -m cuda --collect-only -q -p no:cacheprovider tests 2>/dev/null |
              grep '::' | cut -d: -f1 | sort -u); do
     echo "---- $f"
-    "$PY" -X faulthandler -m pytest -m cuda -q -p no:cacheprovider --tb=short -rfEs "$f"
+    "$PY" -m pytest -m cuda -q -p no:cacheprovider --tb=short -rfEs "$f"
     r=$?; echo "---- $f: rc $r"; [ $r -eq 0 ] || rc=1
   done
   return $rc

@@ -30,11 +30,19 @@ CASES = {
     "cuda-ce_head-noncontig": "z=torch.randn(2,4,3,device='cuda'); ops.ce_head(z.transpose(1,2).contiguous().transpose(1,2), z, torch.tensor(1.0,device='cuda'))",
     "torch-own-error": "torch.ops.aten.mm(torch.randn(2,3), torch.randn(2,3))",
 }
-for name, code in CASES.items():
-    prog = ("import torch, fastdistill._C\nops=torch.ops.fastdistill\ntry:\n    " + code +
+
+
+def run_case(name, cwd=None, tag=""):
+    """Run CASES[name] in a fresh process (a segfault shows as its exit status); return the rc."""
+    prog = ("import torch, fastdistill._C\nops=torch.ops.fastdistill\ntry:\n    " + CASES[name] +
             "\n    print('NO ERROR RAISED')\nexcept RuntimeError as e:\n    print('RuntimeError:', str(e).splitlines()[0][:160])\n")
-    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True)
-    print(f"[{name}] rc {r.returncode}: {r.stdout.strip()} {r.stderr.strip()[-300:] if r.returncode else ''}", flush=True)
+    r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, cwd=cwd)
+    print(f"[{tag}{name}] rc {r.returncode}: {r.stdout.strip()} {r.stderr.strip()[-300:] if r.returncode else ''}",
+          flush=True)
+    return r.returncode
+
+
+rcs = {name: run_case(name) for name in CASES}
 
 import torch
 sys.path.insert(0, os.path.join(os.getcwd(), "benches"))
@@ -56,15 +64,9 @@ for dtype, tf32 in ((torch.float32, True), (torch.float32, False), (torch.float6
 
 # If a C++ exception from the CUDA glue crashed, build a second copy with the system compiler
 # (not the first g++ on PATH) and try the same call there.
-r = subprocess.run([sys.executable, "-c", "import torch, fastdistill._C\nz=torch.randn(2,4,3,device='cuda')\n"
-                    "try:\n    torch.ops.fastdistill.ce_head(z.transpose(1,2).contiguous().transpose(1,2), z, torch.tensor(1.0,device='cuda'))\n"
-                    "except RuntimeError as e:\n    print('ok')\n"], capture_output=True, text=True)
-if r.returncode != 0 and os.path.exists("/usr/bin/g++"):
+if rcs["cuda-ce_head-noncontig"] != 0 and os.path.exists("/usr/bin/g++"):
     sh("rm -rf /tmp/alt && mkdir /tmp/alt && cp -r setup.py pyproject.toml csrc fastdistill kernels /tmp/alt/ && rm -f /tmp/alt/fastdistill/_C*.so")
     sh("cd /tmp/alt && CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 FASTDISTILL_REQUIRE_EXT=1 "
        + sys.executable + " setup.py build_ext --inplace > /tmp/alt/build.log 2>&1; echo build rc $?; tail -2 /tmp/alt/build.log")
     for name in ("cuda-ce_head-noncontig", "cpu-gd_update-bad-lr"):
-        prog = ("import torch, fastdistill._C\nops=torch.ops.fastdistill\ntry:\n    " + CASES[name] +
-                "\n    print('NO ERROR RAISED')\nexcept RuntimeError as e:\n    print('RuntimeError:', str(e).splitlines()[0][:160])\n")
-        r = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, cwd="/tmp/alt")
-        print(f"[system-g++ build: {name}] rc {r.returncode}: {r.stdout.strip()}", flush=True)
+        run_case(name, cwd="/tmp/alt", tag="system-g++ build: ")
