@@ -5,6 +5,8 @@ Each setting runs on its own and leaves ``<results>/<key>.json`` (plus the disti
 ``<key>.pt`` and, for distillations, a resumable checkpoint ``<key>.<scale>.ckpt``); ``table`` renders
 whatever has been measured and marks the rest "not yet run". Nothing is estimated or copied:
 a cell holds a number only when a run produced it, and the run's scale is printed beside it.
+Invocations may share a results folder: a setting runs under an flock on ``<key>.lock``, so one
+that is running elsewhere is skipped (``run``) or waited for (a dependency), never run twice.
 
 Scales:
 
@@ -28,6 +30,7 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -36,7 +39,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+try:
+    import fcntl
+except ImportError:                                  # not POSIX: no cross-process lock
+    fcntl = None
 
 import torch
 
@@ -442,25 +450,68 @@ def _load() -> float:
     return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else float("nan")
 
 
-def run_setting(ctx: Context, key: str, *, force: bool = False, _stack: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Run ``key`` (and, first, any missing dependency); write and return its result record."""
+@contextlib.contextmanager
+def _key_lock(ctx: Context, key: str, wait: bool) -> Iterator[bool]:
+    """Hold ``<results>/<key>.lock`` while ``key`` runs, so that two invocations sharing a results
+    folder never run one setting twice. Yields True once held; False when another process holds
+    it and ``wait`` is False. The lock is an flock: it goes with its process, so a crashed run
+    leaves no stale lock behind (the empty file stays)."""
+    if fcntl is None:
+        yield True
+        return
+    with open(ctx.path(key, "lock"), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                yield False
+                return
+            ctx.say(f"[{key}] another process is running it; waiting for it to finish")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_setting(ctx: Context, key: str, *, force: bool = False, wait: bool = True,
+                _stack: Tuple[str, ...] = ()) -> Optional[Dict[str, Any]]:
+    """Run ``key`` (and, first, any missing dependency); write and return its result record.
+
+    When another process is running ``key`` in the same results folder, wait for it and return its
+    record (``wait=True``; dependencies always wait), or say so and return None (``wait=False``)."""
     if key not in SETTINGS:
         raise ConfigError(f"unknown setting {key!r}; `python -m fastdistill.repro list` shows them")
     s = SETTINGS[key]
-    old = ctx.result(key)
-    if old is not None and old.get("scale") == ctx.scale and not force:
+
+    def done() -> Optional[Dict[str, Any]]:
+        old = ctx.result(key)
+        return old if old is not None and old.get("scale") == ctx.scale and not force else None
+
+    old = done()
+    if old is not None:
         return old
-    for dep in s.needs:
-        have = ctx.result(dep)
-        if (have is None or have.get("scale") != ctx.scale) and dep not in _stack:
-            run_setting(ctx, dep, _stack=_stack + (key,))
-    ctx.say(f"[{key}] {s.title} ({ctx.scale} scale)")
-    t0, load = time.perf_counter(), _load()
-    ctx.force = force
-    rec = RUNNERS[s.kind](ctx, s)
-    rec.update(key=key, scale=ctx.scale, wall_s=time.perf_counter() - t0, machine=_machine(), load=load,
-               date=time.strftime("%Y-%m-%d %H:%M"), command=" ".join(["python -m fastdistill.repro"] + sys.argv[1:]))
-    ctx.path(key, "json").write_text(json.dumps(rec, indent=1, default=str))
+    with _key_lock(ctx, key, wait) as held:
+        if not held:
+            ctx.say(f"[{key}] skipped: another process is running it ({ctx.path(key, 'lock')} is held)")
+            return None
+        old = done()                                 # it may have finished while this one waited
+        if old is not None:
+            return old
+        for dep in s.needs:
+            have = ctx.result(dep)
+            if (have is None or have.get("scale") != ctx.scale) and dep not in _stack:
+                run_setting(ctx, dep, _stack=_stack + (key,))
+        ctx.say(f"[{key}] {s.title} ({ctx.scale} scale)")
+        t0, load = time.perf_counter(), _load()
+        ctx.force = force
+        rec = RUNNERS[s.kind](ctx, s)
+        rec.update(key=key, scale=ctx.scale, wall_s=time.perf_counter() - t0, machine=_machine(), load=load,
+                   date=time.strftime("%Y-%m-%d %H:%M"),
+                   command=" ".join(["python -m fastdistill.repro"] + sys.argv[1:]))
+        tmp = ctx.path(key, "json.tmp")              # whole or absent: another process may read it now
+        tmp.write_text(json.dumps(rec, indent=1, default=str))
+        os.replace(tmp, ctx.path(key, "json"))
     ctx.say(f"[{key}] {_fmt(rec)} in {rec['wall_s']:.0f} s")
     return rec
 
@@ -545,7 +596,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ctx = Context(Path(a.results), a.scale, a.seed)
         keys = list(SETTINGS) if a.keys == ["all"] else a.keys
         for k in keys:
-            run_setting(ctx, k, force=a.force)
+            run_setting(ctx, k, force=a.force, wait=False)
         return 0
     except FastDistillError as e:
         print(f"error: {e}", file=sys.stderr)

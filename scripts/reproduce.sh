@@ -10,7 +10,9 @@
 #
 # Records go to $RESULTS (default runs/repro, git-ignored); each setting writes <key>.json and is
 # skipped when a record of the same scale exists; distillations checkpoint to <key>.<scale>.ckpt
-# every 200 iterations and resume after an interruption. The table is rendered to $OUT (default
+# every 200 iterations and resume after an interruption. Several invocations may share $RESULTS:
+# a setting running in one (it holds <key>.lock) is skipped by the others, and a dependency
+# running elsewhere is waited for, so no setting runs twice at once. The table is rendered to $OUT (default
 # runs/repro/TABLE.md) from whatever has been measured; the rest reads "not yet run".
 #
 # Exact settings (paper scale; see fastdistill/repro.py for the code):

@@ -56,3 +56,40 @@ def test_one_centroid_per_class_is_one_set_the_class_means(tmp_path, root):
     (av, al), = repro._baseline_sets(ctx, ds, "average", 1, 1, 5)
     assert torch.allclose(km, av, atol=1e-5) and torch.equal(kl, al)
     assert len(repro._baseline_sets(ctx, ds, "kmeans", 2, 1, 3)) == 3   # k ≥ 2: draws differ
+
+
+def test_a_setting_held_by_another_process_is_skipped_or_waited_for_never_run_twice(tmp_path, root):
+    import fcntl
+    import threading
+    import time
+
+    said = []
+    ctx = repro.Context(tmp_path, "reduced", progress=said.append)
+    ctx._data["mnist"] = load_dataset("mnist", root)
+    with open(ctx.path("mnist-average", "lock"), "a") as other:     # another process's run of it
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert repro.run_setting(ctx, "mnist-average", wait=False) is None
+        assert ctx.result("mnist-average") is None
+        assert said == [f"[mnist-average] skipped: another process is running it "
+                        f"({ctx.path('mnist-average', 'lock')} is held)"]
+    # wait=True: the waiter blocks on the lock, then finds the other run's record and does not rerun
+    said.clear()
+    got = []
+    with open(ctx.path("mnist-average", "lock"), "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        waiter = threading.Thread(target=lambda: got.append(repro.run_setting(ctx, "mnist-average")))
+        waiter.start()
+        for _ in range(3000):
+            if said:
+                break
+            time.sleep(0.01)
+        assert said == ["[mnist-average] another process is running it; waiting for it to finish"]
+        elsewhere = repro.Context(tmp_path / "elsewhere", "reduced", progress=lambda m: None)
+        elsewhere._data["mnist"] = ctx._data["mnist"]
+        rec = repro.run_setting(elsewhere, "mnist-average")             # the other process's run
+        ctx.path("mnist-average", "json").write_text(elsewhere.path("mnist-average", "json").read_text())
+        assert waiter.is_alive()
+    waiter.join(timeout=60)
+    assert got == [ctx.result("mnist-average")] and got[0]["mean"] == rec["mean"]
+    assert len(said) == 1                                             # it never ran the setting itself
+    assert not elsewhere.path("mnist-average", "json.tmp").exists()
