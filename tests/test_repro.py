@@ -93,3 +93,17 @@ def test_a_setting_held_by_another_process_is_skipped_or_waited_for_never_run_tw
     assert got == [ctx.result("mnist-average")] and got[0]["mean"] == rec["mean"]
     assert len(said) == 1                                             # it never ran the setting itself
     assert not elsewhere.path("mnist-average", "json.tmp").exists()
+
+
+def test_random_init_networks_per_iteration_follow_the_setting_at_paper_scale_and_the_scale_elsewhere(tmp_path, root):
+    ds = load_dataset("mnist", root)
+    n = {sc: {k: repro._distill_config(repro.Context(tmp_path / sc, sc, progress=lambda m: None),
+                                       repro.SETTINGS[k], ds).n_nets
+              for k in ("mnist-sldd-random-100", "fashion-sldd-random-100", "attack-dd",
+                        "adapt-m2f-random-pretrained", "mnist-sldd-fixed-10")}
+         for sc in ("paper", "small", "reduced")}
+    # SLDD random init: one θ_0 per iteration at paper scale (the SLDD authors' configuration)
+    assert n["paper"] == {"mnist-sldd-random-100": 1, "fashion-sldd-random-100": 1, "attack-dd": 4,
+                          "adapt-m2f-random-pretrained": 4, "mnist-sldd-fixed-10": 1}
+    assert set(n["small"].values()) == {4, 1} and n["small"]["mnist-sldd-random-100"] == 4
+    assert n["reduced"]["mnist-sldd-random-100"] == 2 and n["reduced"]["mnist-sldd-fixed-10"] == 1
