@@ -120,7 +120,7 @@ def _dataset_rows(ds: str, tag: str, group: str, paper: Dict[str, str]) -> List[
                 expected="~4 h"),
         Setting(f"{tag}-sldd-fixed-100", group, "SLDD fixed init, 100 images (10 steps × 3 epochs)",
                 paper.get("f100", "—"), "distill", dict(soft, mode="fixed", steps=10), expected="~11.5 h"),
-        # one fresh θ_0 per iteration, as in the SLDD authors' published random-init configuration
+        # one fresh θ_0 per iteration, as the SLDD code's run-option files for its random-init runs set
         Setting(f"{tag}-sldd-random-100", group, "SLDD random init, 100 images (10 steps × 3 epochs)",
                 paper.get("r100", "—"), "distill", dict(soft, mode="random", steps=10, n_nets=1), expected="~3 h"),
     ]

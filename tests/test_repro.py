@@ -102,7 +102,7 @@ def test_random_init_networks_per_iteration_follow_the_setting_at_paper_scale_an
               for k in ("mnist-sldd-random-100", "fashion-sldd-random-100", "attack-dd",
                         "adapt-m2f-random-pretrained", "mnist-sldd-fixed-10")}
          for sc in ("paper", "small", "reduced")}
-    # SLDD random init: one θ_0 per iteration at paper scale (the SLDD authors' configuration)
+    # SLDD random init: one θ_0 per iteration at paper scale (the SLDD code's run options)
     assert n["paper"] == {"mnist-sldd-random-100": 1, "fashion-sldd-random-100": 1, "attack-dd": 4,
                           "adapt-m2f-random-pretrained": 4, "mnist-sldd-fixed-10": 1}
     assert set(n["small"].values()) == {4, 1} and n["small"]["mnist-sldd-random-100"] == 4
