@@ -19,7 +19,8 @@
 #   distillation   LeNet, DD defaults: Adam(0.01, betas 0.5/0.999), StepLR ×0.5 every 40 epochs,
 #                  400 outer epochs of 1024-image real batches (23,400 iterations on MNIST),
 #                  η_0 = 0.02, stored back-gradient, Xavier-normal init, seed 0; random modes
-#                  sample n_nets = 4 θ_0 per iteration and are tested on 200 held-out models.
+#                  are tested on 200 held-out models and sample n_nets = 4 θ_0 per iteration,
+#                  except SLDD random init: 1 per iteration, as the SLDD code's run options set.
 #   SLDD           soft labels initialised one-hot, unconstrained (no softmax); 10 images = 1 step
 #                  × 3 epochs; 5 images = classes 0..4, 1 step × 3 epochs; 100 = 10 steps × 3 epochs.
 #   baselines      Table 1: 10 images per class over 10 GD steps (average real: one mean image per
@@ -44,7 +45,7 @@
 # ~30 s per pre-training epoch, ~5 s per k-means of one class). An idle machine is ~3× faster.
 #   SLDD fixed 10 / 5 images           ~4.5 h / ~4 h
 #   SLDD fixed 100 images              ~11.5 h
-#   SLDD random 100 images             ~45 h (n_nets 4) + 12 min evaluation
+#   SLDD random 100 images             ~3 h (n_nets 1; 61 min on an idle day) + 12 min evaluation
 #   random real / k-means baseline     ~3 h each;  optimized real ~4 h;  average real ~40 min
 #   k-NN random / k-means              ~2 min / ~10 min
 #   model pool (2200 models)           ~20 h per source dataset
