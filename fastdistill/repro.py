@@ -282,8 +282,6 @@ def _distill_config(ctx: Context, s: Setting, ds) -> DistillConfig:
         # paper scale (n_nets None): the setting's own count, else 4; other scales: theirs
         own = kw.pop("n_nets", 4)
         kw["n_nets"] = own if sc["n_nets"] is None else sc["n_nets"]
-    else:
-        kw.pop("n_nets", None)
     if pool_from:
         kw["pool"] = str(ctx.pool_file(pool_from))
         kw["pool_heldout"] = sc["pool_heldout"]
@@ -509,9 +507,8 @@ def run_setting(ctx: Context, key: str, *, force: bool = False, wait: bool = Tru
         old = done()                                 # it may have finished while this one waited
         if old is not None:
             return old
-        for dep in s.needs:
-            have = ctx.result(dep)
-            if (have is None or have.get("scale") != ctx.scale) and dep not in _stack:
+        for dep in s.needs:                          # each returns at once when its record exists
+            if dep not in _stack:
                 run_setting(ctx, dep, _stack=_stack + (key,))
         ctx.say(f"[{key}] {s.title} ({ctx.scale} scale)")
         t0, load = time.perf_counter(), _load()
